@@ -1,0 +1,1 @@
+"""Triton kernels (the CUDA path), shipped as the package `xllm_triton`."""

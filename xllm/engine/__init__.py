@@ -1,0 +1,1 @@
+"""The engine: requests in, scheduled batches through the model, outputs back."""

@@ -1,0 +1,74 @@
+"""Per-request sampling and stopping parameters."""
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    """What to generate and when to stop; validated by `validate()`.
+
+    `max_tokens=None` means: until the end of the context.
+    `logprobs=None` means no logprobs; 0 the chosen token only; k also the top k.
+    `prompt_logprobs` likewise for the prompt tokens (completions' `echo`).
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    max_tokens: int | None = 16
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    MAX_LOGPROBS = 20
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def needs_penalties(self) -> bool:
+        return (
+            self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or self.repetition_penalty != 1.0
+        )
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field out of range."""
+        checks = [
+            (self.n >= 1, "n must be at least 1"),
+            (self.temperature >= 0.0, "temperature must be non-negative"),
+            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
+            (self.top_k == -1 or self.top_k >= 1, "top_k must be -1 (off) or at least 1"),
+            (0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]"),
+            (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
+            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
+            (self.repetition_penalty > 0.0, "repetition_penalty must be positive"),
+            (self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be at least 1"),
+            (
+                self.logprobs is None or 0 <= self.logprobs <= self.MAX_LOGPROBS,
+                f"logprobs must be in [0, {self.MAX_LOGPROBS}]",
+            ),
+            (
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= self.MAX_LOGPROBS,
+                f"prompt_logprobs must be in [0, {self.MAX_LOGPROBS}]",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        for token_id, bias in (self.logit_bias or {}).items():
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias for token {token_id} must be in [-100, 100]")

@@ -1,0 +1,77 @@
+"""One function per kernel; each picks Triton (CUDA), C++ (CPU) or the torch reference.
+
+The choice follows the tensors' device: CUDA tensors go to the Triton kernels,
+CPU tensors to the C++ kernels when the extension is built, else to the
+reference. `use_backend("reference" | "cpp" | "triton")` overrides it for
+tests and benchmarks.
+"""
+
+import contextlib
+import importlib
+from collections.abc import Iterator
+from types import ModuleType
+
+import torch
+
+from xllm.ops import reference
+
+_override: str | None = None
+_modules: dict[str, ModuleType | None] = {}
+_MODULE_NAMES = {"cpp": "xllm.ops.cpu", "triton": "xllm.ops.cuda"}
+
+
+def _load(name: str) -> ModuleType | None:
+    if name not in _modules:
+        try:
+            _modules[name] = importlib.import_module(_MODULE_NAMES[name])
+        except ImportError:
+            _modules[name] = None
+    return _modules[name]
+
+
+def available(name: str) -> bool:
+    """Whether a backend ("reference", "cpp", "triton") can run here."""
+    return name == "reference" or _load(name) is not None
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Force one backend inside the block (None restores the automatic choice)."""
+    global _override
+    if name is not None and not available(name):
+        raise RuntimeError(f"kernel backend {name!r} is not available")
+    previous, _override = _override, name
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+def backend_for(tensor: torch.Tensor) -> ModuleType:
+    """The module whose kernels serve tensors on this device."""
+    if _override is not None:
+        return reference if _override == "reference" else _load(_override)
+    name = "triton" if tensor.is_cuda else "cpp"
+    return _load(name) or reference
+
+
+def paged_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale):
+    """See `reference.paged_attention`."""
+    return backend_for(q).paged_attention(
+        q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale
+    )
+
+
+def write_kv(key, value, k_cache, v_cache, slot_mapping):
+    """See `reference.write_kv`."""
+    return backend_for(key).write_kv(key, value, k_cache, v_cache, slot_mapping)
+
+
+def topk_logprobs(logits, k, token_ids):
+    """See `reference.topk_logprobs`."""
+    return backend_for(logits).topk_logprobs(logits, k, token_ids)
+
+
+def beam_prune(beam_scores, cand_tokens, cand_logprobs, num_keep):
+    """See `reference.beam_prune`."""
+    return backend_for(beam_scores).beam_prune(beam_scores, cand_tokens, cand_logprobs, num_keep)
