@@ -1,0 +1,52 @@
+"""Offline, synchronous generation over the engine: for tests and scripts."""
+
+import itertools
+
+from xllm.config import EngineConfig
+from xllm.engine.llm_engine import LLMEngine
+from xllm.engine.outputs import CompletionOutput, RequestOutput
+from xllm.engine.sampling_params import SamplingParams
+
+
+class LLM:
+    def __init__(self, model: str = "default", **kwargs):
+        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def generate(
+        self,
+        prompts: list[str] | list[list[int]],
+        params: SamplingParams | list[SamplingParams],
+    ) -> list[RequestOutput]:
+        """Run all prompts to the end; each output holds its choices' full results."""
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        results: dict[str, RequestOutput] = {}
+        order = []
+        for prompt, p in zip(prompts, params):
+            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            request_id = f"offline-{next(self._ids)}"
+            self.engine.add_request(request_id, ids, p)
+            order.append(request_id)
+            results[request_id] = RequestOutput(
+                request_id, ids,
+                [CompletionOutput(i, "", [], [] if p.logprobs is not None else None)
+                 for i in range(p.n)],
+                False,
+            )
+        while self.engine.has_unfinished():
+            for out in self.engine.step():
+                total = results[out.request_id]
+                total.finished = out.finished
+                if out.prompt_logprobs is not None:
+                    total.prompt_logprobs = out.prompt_logprobs
+                for delta in out.outputs:
+                    choice = total.outputs[delta.index]
+                    choice.text += delta.text
+                    choice.token_ids += delta.token_ids
+                    if delta.logprobs is not None:
+                        choice.logprobs += delta.logprobs
+                    choice.finish_reason = delta.finish_reason
+                    choice.stop_reason = delta.stop_reason
+        return [results[r] for r in order]

@@ -1,0 +1,168 @@
+"""The Llama architecture over a paged KV cache; Qwen2 is Llama with q/k/v biases.
+
+The model works on a flat batch: token ids and positions of every scheduled
+sequence laid end to end. Attention metadata comes from `model.context`.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xllm import ops
+from xllm.model.context import get_context
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half rotary embedding with a precomputed cos/sin table."""
+
+    def __init__(self, config, head_dim: int, max_positions: int):
+        super().__init__()
+        rope = getattr(config, "rope_parameters", None) or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        if rope_type == "default":
+            inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+            scaling = 1.0
+        else:
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq.double())
+        self.register_buffer("cos", (freqs.cos() * scaling).float(), persistent=False)
+        self.register_buffer("sin", (freqs.sin() * scaling).float(), persistent=False)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Rotate x [T, heads, head_dim] by each token's position."""
+        cos = self.cos[positions].unsqueeze(1).to(x.dtype)
+        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config, layer_index: int):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or (
+            config.hidden_size // self.num_heads
+        )
+        self.layer_index = layer_index
+        self.scale = self.head_dim**-0.5
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.sizes = [q_size, kv_size, kv_size]
+        bias = config.model_type == "qwen2" or getattr(config, "attention_bias", False)
+        self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding):
+        tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        q = rotary(positions, q.view(tokens, self.num_heads, self.head_dim))
+        k = rotary(positions, k.view(tokens, self.num_kv_heads, self.head_dim))
+        v = v.reshape(tokens, self.num_kv_heads, self.head_dim)
+        ctx = get_context()
+        ops.write_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+        out = ops.paged_attention(
+            q, self.k_cache, self.v_cache, ctx.query_start_loc, ctx.seq_lens,
+            ctx.block_tables, self.scale,
+        )
+        return self.o_proj(out.view(tokens, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.intermediate = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.intermediate, bias=False)
+        self.down_proj = nn.Linear(self.intermediate, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config, layer_index: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_index)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, positions, rotary):
+        x = x + self.self_attn(self.input_layernorm(x), positions, rotary)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama / Qwen2 decoder; `forward` gives hidden states, `logits` the vocabulary scores."""
+
+    def __init__(self, config, max_positions: int):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        head_dim = self.layers[0].self_attn.head_dim
+        self.rotary = RotaryEmbedding(config, head_dim, max_positions)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, positions, self.rotary)
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(hidden))
+
+    def load_weights(self, weights) -> None:
+        """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up."""
+        params = dict(self.named_parameters())
+        fused = {"q_proj": 0, "k_proj": 1, "v_proj": 2, "gate_proj": 0, "up_proj": 1}
+        loaded = set()
+        for name, tensor in weights:
+            name = name.removeprefix("model.")
+            if "rotary_emb" in name:
+                continue
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue
+            parts = name.split(".")
+            proj = parts[-2] if len(parts) >= 2 else ""
+            if proj in fused:
+                is_attn = proj in ("q_proj", "k_proj", "v_proj")
+                target = name.replace(proj, "qkv_proj" if is_attn else "gate_up_proj")
+                sizes = (
+                    self._attn(int(parts[1])).sizes if is_attn else [self.config.intermediate_size] * 2
+                )
+                offset = sum(sizes[: fused[proj]])
+                params[target].data[offset : offset + sizes[fused[proj]]].copy_(tensor)
+                loaded.add(f"{target}:{proj}")
+            elif name in params:
+                params[name].data.copy_(tensor)
+                loaded.add(name)
+            else:
+                raise KeyError(f"unexpected weight {name}")
+        expected = 2 + len(self.layers) * 9 + (0 if self.config.tie_word_embeddings else 1)
+        if len(loaded) < expected:
+            raise ValueError(f"checkpoint is missing weights: loaded {len(loaded)} of {expected}")
+
+    def _attn(self, index: int) -> Attention:
+        return self.layers[index].self_attn

@@ -1,0 +1,117 @@
+"""The model runner: owns the model and its KV cache, runs one forward pass per step.
+
+The engine hands it one `SeqInput` per scheduled sequence (new token ids, where
+they start, the block table, which positions need logits); it lays them end to
+end into flat tensors, sets the attention context, runs the model once for
+prefill chunks and decodes together, and returns the logits asked for.
+"""
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoConfig
+
+from xllm.config import EngineConfig
+from xllm.model.context import AttentionContext, set_context
+from xllm.model.llama import LlamaForCausalLM
+from xllm.model.loader import iterate_weights
+
+logger = logging.getLogger(__name__)
+
+ARCHITECTURES = {"llama": LlamaForCausalLM, "qwen2": LlamaForCausalLM}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class SeqInput:
+    """One sequence's share of a step, in token ids only."""
+
+    token_ids: list[int]  # the new tokens of this step
+    start: int  # their first position (tokens already in the cache)
+    block_table: list[int]
+    logit_offsets: list[int]  # offsets into token_ids whose next-token logits are wanted
+
+
+def load_hf_config(folder: Path):
+    config = AutoConfig.from_pretrained(folder)
+    if config.model_type not in ARCHITECTURES:
+        raise ValueError(f"unsupported architecture {config.model_type!r}")
+    return config
+
+
+def context_length(hf_config) -> int:
+    return int(getattr(hf_config, "max_position_embeddings", 2048))
+
+
+class ModelRunner:
+    def __init__(self, folder: Path, hf_config, config: EngineConfig, max_model_len: int):
+        torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
+        torch.manual_seed(config.seed)
+        self.dtype = DTYPES[config.dtype]
+        self.block_size = config.block_size
+        self.max_model_len = max_model_len
+        model = ARCHITECTURES[hf_config.model_type](hf_config, max_model_len)
+        model.load_weights(iterate_weights(folder))
+        self.model = model.to(self.dtype).eval()
+        self.vocab_size = hf_config.vocab_size
+        self.num_blocks = config.num_blocks or self._blocks_for(config.kv_cache_memory)
+        self._allocate_kv_cache()
+
+    def _kv_shape(self) -> tuple[int, ...]:
+        attn = self.model.layers[0].self_attn
+        return (self.block_size, attn.num_kv_heads, attn.head_dim)
+
+    def _blocks_for(self, memory: int) -> int:
+        per_block = 2 * len(self.model.layers) * int(np.prod(self._kv_shape()))
+        return max(1, memory // (per_block * torch.finfo(self.dtype).bits // 8))
+
+    def _allocate_kv_cache(self) -> None:
+        shape = (len(self.model.layers), self.num_blocks, *self._kv_shape())
+        self.k_cache = torch.zeros(shape, dtype=self.dtype)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype)
+        for i, layer in enumerate(self.model.layers):
+            layer.self_attn.k_cache = self.k_cache[i]
+            layer.self_attn.v_cache = self.v_cache[i]
+        logger.info("KV cache: %d blocks of %d tokens", self.num_blocks, self.block_size)
+
+    @torch.inference_mode()
+    def run(self, batch: list[SeqInput]) -> torch.Tensor:
+        """Forward the batch; return float32 logits [rows, vocab] in batch order."""
+        input_ids, positions, slots, logit_rows = [], [], [], []
+        query_start, seq_lens = [0], []
+        bs = self.block_size
+        max_blocks = max(len(s.block_table) for s in batch)
+        tables = np.zeros((len(batch), max_blocks), dtype=np.int32)
+        for i, s in enumerate(batch):
+            n = len(s.token_ids)
+            offset = query_start[-1]
+            input_ids.extend(s.token_ids)
+            pos = np.arange(s.start, s.start + n)
+            table = np.asarray(s.block_table, dtype=np.int64)
+            tables[i, : len(table)] = table
+            positions.append(pos)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            logit_rows.extend(offset + o for o in s.logit_offsets)
+            query_start.append(offset + n)
+            seq_lens.append(s.start + n)
+        set_context(
+            AttentionContext(
+                slot_mapping=torch.from_numpy(np.concatenate(slots)),
+                query_start_loc=torch.tensor(query_start, dtype=torch.int32),
+                seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+                block_tables=torch.from_numpy(tables),
+            )
+        )
+        try:
+            hidden = self.model(
+                torch.tensor(input_ids, dtype=torch.long),
+                torch.from_numpy(np.concatenate(positions)),
+            )
+        finally:
+            set_context(None)
+        rows = torch.tensor(logit_rows, dtype=torch.long)
+        return self.model.logits(hidden[rows]).float()
