@@ -20,7 +20,7 @@ class BlockManager:
         self.free_queue: deque[int] = deque(range(num_blocks))
         self.block_hash: list[int | None] = [None] * num_blocks
         self.hash_to_block: dict[int, int] = {}
-        self.num_hashed: dict[int, int] = {}  # id(seq) -> blocks of it already hashed
+        self.hashed: dict[int, tuple[int, int]] = {}  # id(seq) -> (blocks hashed, last hash)
         self.queries = 0
         self.hits = 0
 
@@ -32,9 +32,10 @@ class BlockManager:
         """More blocks `seq` needs to hold `num_tokens` tokens."""
         return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
 
-    def _hashes(self, seq: Sequence, num_blocks: int) -> list[int]:
-        hashes, prev, bs = [], 0, self.block_size
-        for i in range(num_blocks):
+    def _hashes(self, seq: Sequence, first: int, last: int, prev: int = 0) -> list[int]:
+        """Chained hashes of blocks first..last-1 of `seq`, `prev` being block first-1's."""
+        hashes, bs = [], self.block_size
+        for i in range(first, last):
             prev = hash((prev, tuple(seq.token_ids[i * bs : (i + 1) * bs])))
             hashes.append(prev)
         return hashes
@@ -49,16 +50,18 @@ class BlockManager:
             return 0
         candidates = (seq.num_tokens - 1) // self.block_size
         self.queries += candidates
-        for h in self._hashes(seq, candidates):
+        last = 0
+        for h in self._hashes(seq, 0, candidates):
             block = self.hash_to_block.get(h)
             if block is None:
                 break
+            last = h
             if self.ref_counts[block] == 0:
                 self.free_queue.remove(block)
             self.ref_counts[block] += 1
             seq.block_table.append(block)
         self.hits += len(seq.block_table)
-        self.num_hashed[id(seq)] = len(seq.block_table)
+        self.hashed[id(seq)] = (len(seq.block_table), last)
         return len(seq.block_table) * self.block_size
 
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
@@ -80,16 +83,17 @@ class BlockManager:
         """Hash the blocks that `seq` has filled with computed tokens."""
         if not self.prefix_caching:
             return
-        done = self.num_hashed.get(id(seq), 0)
+        done, prev = self.hashed.get(id(seq), (0, 0))
         full = min(seq.num_computed // self.block_size, len(seq.block_table))
         if full <= done:
             return
-        for i, h in enumerate(self._hashes(seq, full)[done:], start=done):
+        for i, h in enumerate(self._hashes(seq, done, full, prev), start=done):
             block = seq.block_table[i]
             if self.block_hash[block] is None:
                 self.block_hash[block] = h
                 self.hash_to_block.setdefault(h, block)
-        self.num_hashed[id(seq)] = full
+            prev = h
+        self.hashed[id(seq)] = (full, prev)
 
     def free(self, seq: Sequence) -> None:
         """Give back all of `seq`'s blocks; the last holder puts a block in the free queue."""
@@ -98,4 +102,4 @@ class BlockManager:
             if self.ref_counts[block] == 0:
                 self.free_queue.append(block)
         seq.block_table = []
-        self.num_hashed.pop(id(seq), None)
+        self.hashed.pop(id(seq), None)

@@ -40,12 +40,12 @@ class Detokenizer:
         start = max(0, len(self.text) - self.hold)
         self.text += full[len(prefix) :]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        for stop in self.stop:
-            at = self.text.find(stop, start)
-            if at >= 0:
-                self.text = self.text[: at + len(stop) if self.include_stop else at]
-                return stop
-        return None
+        found = [(at, stop) for stop in self.stop if (at := self.text.find(stop, start)) >= 0]
+        if not found:
+            return None
+        at, stop = min(found)
+        self.text = self.text[: at + len(stop) if self.include_stop else at]
+        return stop
 
     def release(self, finished: bool) -> str:
         """The text that became final since the last call."""

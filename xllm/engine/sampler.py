@@ -12,7 +12,7 @@ from xllm.engine.sequence import Sequence
 
 
 def seeded_generator(seed: int, index: int) -> torch.Generator:
-    """The generator of choice `index` of a request with `seed`: reproducible, distinct per choice."""
+    """Choice `index`'s generator for a request with `seed`: reproducible, distinct per choice."""
     return torch.Generator().manual_seed(hash((seed, index)) & 0x7FFF_FFFF_FFFF_FFFF)
 
 

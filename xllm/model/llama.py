@@ -149,9 +149,8 @@ class LlamaForCausalLM(nn.Module):
             if proj in fused:
                 is_attn = proj in ("q_proj", "k_proj", "v_proj")
                 target = name.replace(proj, "qkv_proj" if is_attn else "gate_up_proj")
-                sizes = (
-                    self._attn(int(parts[1])).sizes if is_attn else [self.config.intermediate_size] * 2
-                )
+                mlp_sizes = [self.config.intermediate_size] * 2
+                sizes = self._attn(int(parts[1])).sizes if is_attn else mlp_sizes
                 offset = sum(sizes[: fused[proj]])
                 params[target].data[offset : offset + sizes[fused[proj]]].copy_(tensor)
                 loaded.add(f"{target}:{proj}")
