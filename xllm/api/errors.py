@@ -1,0 +1,66 @@
+"""OpenAI-shaped error bodies and the status names of API.md section 5."""
+
+import json
+from http import HTTPStatus
+
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+# HTTP status -> (status name used as `code`, OpenAI error `type`)
+_KINDS: dict[int, tuple[str, str]] = {
+    400: ("INVALID_ARGUMENT", "invalid_request_error"),
+    404: ("UNKNOWN", "not_found_error"),
+    429: ("RESOURCE_EXHAUSTED", "rate_limit_error"),
+    500: ("INTERNAL", "internal_error"),
+    503: ("UNAVAILABLE", "service_unavailable_error"),
+}
+
+
+class APIError(Exception):
+    """An error the server answers with; `status` picks the code (400, 404, 429, 500, 503)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+
+    def body(self) -> dict:
+        code, kind = _KINDS.get(self.status, ("INVALID_ARGUMENT", "invalid_request_error"))
+        return {"error": {"message": self.message, "type": kind, "code": code, "param": self.param}}
+
+
+def invalid(message: str, param: str | None = None) -> APIError:
+    return APIError(HTTPStatus.BAD_REQUEST, message, param)
+
+
+def error_response(err: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=int(err.status), headers=headers)
+
+
+def error_event(err: APIError) -> str:
+    """The SSE event that ends a stream that failed (followed by `data: [DONE]`)."""
+    return f"data: {json.dumps(err.body(), ensure_ascii=False)}\n\n"
+
+
+def from_validation_error(exc: ValidationError | list[dict]) -> APIError:
+    """A 400 naming the first offending field, without echoing the offending value."""
+    errors = exc.errors() if isinstance(exc, ValidationError) else list(exc)
+    if not errors:
+        return invalid("invalid request body")
+    first = errors[0]
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    msg = first.get("msg", "invalid value")
+    if first.get("type") == "json_invalid":
+        return invalid(f"malformed JSON body: {msg}")
+    if not loc:
+        return invalid(f"request body: {msg}")
+    return invalid(f"{'.'.join(loc)}: {msg}", param=loc[0])
+
+
+def from_value_error(exc: ValueError) -> APIError:
+    """A 400 for SamplingParams.validate() and similar; the param is the message's first word."""
+    message = str(exc) or "invalid argument"
+    first = message.split(" ", 1)[0]
+    param = first if first.replace("_", "").isalpha() and first.islower() else None
+    return invalid(message, param)

