@@ -14,6 +14,13 @@ from pathlib import Path
 
 import pytest
 import requests
+import torch
+
+# Triton runs on the CPU only as an interpreter, and reads this before its first import
+# (transformers imports it), so it is set here, before any test module loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SERVED_MODEL_NAME = "Qwen2-7B-Instruct"
 # Above 2048 so that the seed's Python example (max_tokens 2048) fits as written.

@@ -1,0 +1,254 @@
+"""Triton backend of `xllm.ops`: launches the `xllm_triton` kernels with the reference signatures.
+
+On CUDA tensors the kernels run compiled; on CPU tensors they run only under
+TRITON_INTERPRET=1 (set before triton is first imported), which is how the
+kernel tests run without a GPU.
+"""
+
+import contextlib
+import functools
+
+import torch
+import triton
+
+from xllm_triton.attention import LOG2E, paged_attention_kernel, reduce_splits_kernel
+from xllm_triton.beam import beam_prune_kernel
+from xllm_triton.cache import write_kv_kernel
+from xllm_triton.logprobs import chunk_stats_kernel, chunk_topk_kernel, merge_topk_kernel
+
+INTERPRETED = not isinstance(write_kv_kernel, triton.runtime.JITFunction)
+VOCAB_CHUNK = 4096
+MIN_SPLIT_TOKENS = 512
+MAX_SPLITS = 64
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _launch_context(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """The device context a launch on `tensor` needs; refuses CPU tensors unless interpreted."""
+    if tensor.is_cuda:
+        return torch.cuda.device(tensor.device)
+    if not INTERPRETED:
+        raise RuntimeError("Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 on the CPU")
+    return contextlib.nullcontext()
+
+
+def _last_dim_contiguous(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _choose_splits(device: torch.device, programs: int, max_context: int) -> int:
+    """KV splits per program so that about 4 programs run per SM (a power of two)."""
+    target = 4 * _num_sms(device)
+    if programs >= target:
+        return 1
+    most = min(max(1, max_context // MIN_SPLIT_TOKENS), MAX_SPLITS)
+    return min(_next_pow2(triton.cdiv(target, programs)), 1 << (most.bit_length() - 1))
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """See `xllm.ops.reference.paged_attention`."""
+    return paged_attention_with(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale)
+
+
+def paged_attention_with(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    num_splits: int | None = None,
+    tile_n: int | None = None,
+) -> torch.Tensor:
+    """`paged_attention` with the launch choices open (tests force KV splits and tile sizes).
+
+    Reads no tensor values on the host: the launch shape follows from shapes
+    alone, so the call can be captured in a CUDA graph.
+    """
+    num_tokens, num_heads, head_size = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    num_seqs = seq_lens.shape[0]
+    group = num_heads // num_kv_heads
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("the KV cache's last dimension must be contiguous")
+    q = _last_dim_contiguous(q)
+    query_start_loc = query_start_loc.to(torch.int32).contiguous()
+    seq_lens = seq_lens.to(torch.int32).contiguous()
+    block_tables = _last_dim_contiguous(block_tables.to(torch.int32))
+
+    decode_only = num_tokens <= num_seqs
+    block_m = max(16 if decode_only else 64, _next_pow2(group))
+    block_q = block_m // group
+    head_pad = max(16, _next_pow2(head_size))
+    if tile_n is None:  # float32 tiles of 64 keys spill registers on sm_90
+        tile_n = 32 if q.dtype == torch.float32 and q.is_cuda else 64
+    q_blocks = num_tokens // block_q + num_seqs
+    if num_splits is None:
+        busy = num_seqs if decode_only else q_blocks
+        max_context = block_tables.shape[1] * block_size
+        num_splits = _choose_splits(q.device, busy * num_kv_heads, max_context)
+
+    if num_splits > 1:
+        part_acc = torch.empty(
+            num_tokens, num_heads, num_splits, head_pad, dtype=torch.float32, device=q.device
+        )
+        part_max = torch.empty(
+            num_tokens, num_heads, num_splits, dtype=torch.float32, device=q.device
+        )
+        part_sum = torch.empty_like(part_max)
+    else:
+        part_acc = part_max = part_sum = out
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    num_warps = 8 if block_m * head_pad >= 64 * 128 else 4
+    with _launch_context(q):
+        paged_attention_kernel[(q_blocks, num_kv_heads, num_splits)](
+            out, part_acc, part_max, part_sum,
+            q, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
+            scale * LOG2E, num_seqs, num_heads,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            block_tables.stride(0),
+            GROUP=group, HEAD_SIZE=head_size, HEAD_PAD=head_pad, BLOCK_SIZE=block_size,
+            BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n, NUM_SPLITS=num_splits,
+            PRECISION=precision, num_warps=num_warps,
+        )  # fmt: skip
+        if num_splits > 1:
+            reduce_splits_kernel[(num_tokens, num_heads)](
+                out, part_acc, part_max, part_sum, num_heads, out.stride(0), out.stride(1),
+                HEAD_SIZE=head_size, HEAD_PAD=head_pad, NUM_SPLITS=num_splits,
+                SPLITS_PAD=_next_pow2(num_splits),
+            )  # fmt: skip
+    return out
+
+
+def write_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """See `xllm.ops.reference.write_kv`."""
+    num_tokens = key.shape[0]
+    _, block_size, num_kv_heads, head_size = k_cache.shape
+    if num_tokens == 0:
+        return
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("the KV cache's last dimension must be contiguous")
+    key = _last_dim_contiguous(key)
+    value = _last_dim_contiguous(value)
+    slot_mapping = slot_mapping.contiguous()
+    with _launch_context(key):
+        write_kv_kernel[(num_tokens,)](
+            key, value, k_cache, v_cache, slot_mapping,
+            key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            NUM_KV_HEADS=num_kv_heads, HEAD_SIZE=head_size,
+            HEADS_PAD=_next_pow2(num_kv_heads), HEAD_PAD=_next_pow2(head_size),
+            BLOCK_SIZE=block_size,
+        )  # fmt: skip
+
+
+def topk_logprobs(
+    logits: torch.Tensor, k: int, token_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """See `xllm.ops.reference.topk_logprobs`."""
+    return topk_logprobs_with(logits, k, token_ids)
+
+
+def topk_logprobs_with(
+    logits: torch.Tensor,
+    k: int,
+    token_ids: torch.Tensor,
+    use_sort: bool = False,
+    vocab_chunk: int = VOCAB_CHUNK,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`topk_logprobs` with the selection method and chunk size open (for tests and benchmarks).
+
+    use_sort: bitonic `tl.topk` instead of the default k rounds of max selection;
+    the sort compiles for ~25 s per k class and crawls under the interpreter.
+    """
+    rows, vocab = logits.shape
+    device = logits.device
+    values = torch.empty(rows, k, dtype=torch.float32, device=device)
+    indices = torch.empty(rows, k, dtype=torch.int64, device=device)
+    chosen = torch.empty(rows, dtype=torch.float32, device=device)
+    if rows == 0:
+        return values, indices, chosen
+    if not 1 <= k <= vocab:
+        raise ValueError(f"k must be in 1..{vocab}, got {k}")
+    logits = _last_dim_contiguous(logits)
+    token_ids = token_ids.to(torch.int64).contiguous()
+    k_pad = _next_pow2(k)
+    block_v = max(min(_next_pow2(vocab_chunk), _next_pow2(vocab)), k_pad)
+    num_chunks = triton.cdiv(vocab, block_v)
+    chunks_pad = _next_pow2(num_chunks)
+    part_max = torch.empty(rows, num_chunks, dtype=torch.float32, device=device)
+    part_sum = torch.empty_like(part_max)
+    part_keys = torch.empty(rows, num_chunks, k_pad, dtype=torch.int64, device=device)
+    with _launch_context(logits):
+        chunk_stats_kernel[(rows, num_chunks)](
+            logits, part_max, part_sum, logits.stride(0), vocab, BLOCK_V=block_v
+        )
+        chunk_topk_kernel[(rows, num_chunks)](
+            logits, part_max, part_sum, part_keys, logits.stride(0), vocab, k,
+            BLOCK_V=block_v, CHUNKS_PAD=chunks_pad, K_PAD=k_pad, USE_SORT=use_sort,
+        )  # fmt: skip
+        merge_topk_kernel[(rows,)](
+            logits, token_ids, part_max, part_sum, part_keys, values, indices, chosen,
+            logits.stride(0), num_chunks, k,
+            CHUNKS_PAD=chunks_pad, K_PAD=k_pad, MERGE_PAD=_next_pow2(num_chunks * k_pad),
+            USE_SORT=use_sort,
+        )  # fmt: skip
+    return values, indices, chosen
+
+
+def beam_prune(
+    beam_scores: torch.Tensor,
+    cand_tokens: torch.Tensor,
+    cand_logprobs: torch.Tensor,
+    num_keep: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """See `xllm.ops.reference.beam_prune`."""
+    groups, width, cands = cand_tokens.shape
+    device = beam_scores.device
+    parents = torch.empty(groups, num_keep, dtype=torch.int64, device=device)
+    tokens = torch.empty(groups, num_keep, dtype=torch.int64, device=device)
+    scores = torch.empty(groups, num_keep, dtype=torch.float32, device=device)
+    if groups == 0 or num_keep == 0:
+        return parents, tokens, scores
+    if num_keep > width * cands:
+        raise ValueError(f"num_keep {num_keep} exceeds the {width * cands} candidates")
+    n_pad = _next_pow2(width * cands)
+    tile_j = min(n_pad, max(16, 4096 // n_pad))
+    with _launch_context(beam_scores):
+        beam_prune_kernel[(groups,)](
+            beam_scores.contiguous(), cand_tokens.contiguous(), cand_logprobs.contiguous(),
+            parents, tokens, scores, width, cands, num_keep,
+            N_PAD=n_pad, TILE_J=tile_j,
+        )  # fmt: skip
+    return parents, tokens, scores
