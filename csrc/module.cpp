@@ -1,4 +1,74 @@
-// The pybind11 module xllm._C: the CPU kernels (filled by the kernels issue).
+// The pybind11 module xllm._C: binds the CPU kernels, taking raw data pointers and sizes.
+//
+// The Python side (xllm/ops/cpu.py) checks dtypes, devices and layouts and passes
+// tensor.data_ptr() values; the kernels run with the GIL released.
+#include <omp.h>
 #include <pybind11/pybind11.h>
 
-PYBIND11_MODULE(_C, m) { m.doc() = "xllm CPU kernels"; }
+#include <cstdint>
+
+#include "kernels.h"
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename T>
+T* ptr(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "xllm CPU kernels (C++ and OpenMP)";
+  m.def(
+      "paged_attention",
+      [](uintptr_t q, int64_t q_stride, uintptr_t k_cache, uintptr_t v_cache, uintptr_t out,
+         uintptr_t query_start_loc, uintptr_t seq_lens, uintptr_t block_tables,
+         int64_t num_tokens, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
+         int64_t head_size, int64_t num_blocks, int64_t block_size, int64_t max_blocks,
+         double scale) {
+        xllm::AttentionArgs a{ptr<const float>(q),         q_stride,
+                              ptr<const float>(k_cache),   ptr<const float>(v_cache),
+                              ptr<float>(out),             ptr<const int32_t>(query_start_loc),
+                              ptr<const int32_t>(seq_lens), ptr<const int32_t>(block_tables),
+                              num_tokens,                  num_seqs,
+                              num_heads,                   num_kv_heads,
+                              head_size,                   num_blocks,
+                              block_size,                  max_blocks,
+                              static_cast<float>(scale)};
+        xllm::paged_attention(a);
+      },
+      py::call_guard<py::gil_scoped_release>(), "Paged attention; see xllm.ops.reference.");
+  m.def(
+      "write_kv",
+      [](uintptr_t key, int64_t key_stride, uintptr_t value, int64_t value_stride,
+         uintptr_t k_cache, uintptr_t v_cache, uintptr_t slot_mapping, bool slots_int64,
+         int64_t num_tokens, int64_t row_size, int64_t num_slots) {
+        xllm::write_kv(ptr<const float>(key), key_stride, ptr<const float>(value), value_stride,
+                       ptr<float>(k_cache), ptr<float>(v_cache), ptr<const void>(slot_mapping),
+                       slots_int64, num_tokens, row_size, num_slots);
+      },
+      py::call_guard<py::gil_scoped_release>(), "KV cache write; see xllm.ops.reference.");
+  m.def(
+      "topk_logprobs",
+      [](uintptr_t logits, int64_t ld, int64_t rows, int64_t vocab, int64_t k,
+         uintptr_t token_ids, uintptr_t values, uintptr_t indices, uintptr_t chosen) {
+        xllm::topk_logprobs(ptr<const float>(logits), ld, rows, vocab, k,
+                            ptr<const int64_t>(token_ids), ptr<float>(values),
+                            ptr<int64_t>(indices), ptr<float>(chosen));
+      },
+      py::call_guard<py::gil_scoped_release>(), "Top-k logprobs; see xllm.ops.reference.");
+  m.def(
+      "beam_prune",
+      [](uintptr_t beam_scores, uintptr_t cand_tokens, uintptr_t cand_logprobs, int64_t groups,
+         int64_t width, int64_t cands, int64_t num_keep, uintptr_t parents, uintptr_t tokens,
+         uintptr_t scores) {
+        xllm::beam_prune(ptr<const float>(beam_scores), ptr<const int64_t>(cand_tokens),
+                         ptr<const float>(cand_logprobs), groups, width, cands, num_keep,
+                         ptr<int64_t>(parents), ptr<int64_t>(tokens), ptr<float>(scores));
+      },
+      py::call_guard<py::gil_scoped_release>(), "Beam pruning; see xllm.ops.reference.");
+  m.def("num_threads", []() { return omp_get_max_threads(); }, "OpenMP threads the kernels use.");
+}

@@ -1,0 +1,360 @@
+"""Times each kernel backend (reference, C++, Triton) on serving shapes; prints speed-ups and GB/s.
+
+Usage: python benchmarks/kernels/bench_kernels.py [attention|write_kv|topk|beam|all] [--quick]
+       [--json PATH] [--threads N] [--block-order random|contiguous] [--dtype float32|...]
+
+On a CUDA machine the tensors live on the GPU and the backends are reference and
+triton; otherwise on the CPU with reference and cpp. Bandwidth counts the bytes a
+kernel must read (K/V and q for attention, the logits for top-k); prefill reports
+GFLOP/s of the causal attention (4 * heads * head_size per visible query-key pair).
+CPU times are the fastest of repeated calls (the machine may be shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import partial
+
+import torch
+
+from xllm import ops
+
+
+@dataclass
+class Result:
+    kernel: str
+    shape: str
+    backend: str
+    ms: float
+    speedup: float | None  # over the reference on the same shape; None when it was skipped
+    rate: float  # GB/s or GFLOP/s
+    unit: str
+
+
+@dataclass
+class Setup:
+    device: torch.device
+    dtype: torch.dtype
+    quick: bool
+    block_order: str
+    min_time: float  # seconds of repeated calls per measurement
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    num_heads: int
+    num_kv_heads: int
+    head_size: int
+
+
+SMOLLM2 = Model("SmolLM2", 9, 3, 64)
+QWEN2_7B = Model("Qwen2-7B", 28, 4, 128)
+BLOCK_SIZE = 16
+# On the CPU the reference is skipped above this much K/V per call (elements), it takes seconds.
+CPU_REFERENCE_MAX_KV = 32 * 1024 * 4 * 128
+SLOW_CALL_S = 1.0  # a call this slow is timed once
+
+
+def backends(setup: Setup) -> list[str]:
+    names = ["reference"]
+    if setup.cuda and ops.available("triton"):
+        names.append("triton")
+    if not setup.cuda and ops.available("cpp"):
+        names.append("cpp")
+    return names
+
+
+def sync(setup: Setup) -> None:
+    if setup.cuda:
+        torch.cuda.synchronize()
+
+
+def time_call(fn: Callable[[], object], setup: Setup, max_reps: int = 500) -> float:
+    """Milliseconds per call after a warm-up: CUDA, the mean of a timed loop; CPU, the fastest
+    of at least three single calls (other work on a shared machine only ever adds time).
+    A warm-up slower than SLOW_CALL_S is taken as the measurement."""
+    sync(setup)
+    start = time.perf_counter()
+    fn()
+    sync(setup)
+    first = time.perf_counter() - start
+    if first > SLOW_CALL_S:
+        return first * 1e3
+    reps = max(3, min(max_reps, int(setup.min_time / max(first, 1e-6))))
+    if setup.cuda:
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return begin.elapsed_time(end) / reps
+    best = first
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def run_backends(
+    kernel: str,
+    shape: str,
+    setup: Setup,
+    fn: Callable[[], object],
+    amount: float,
+    unit: str,
+    skip_reference: bool = False,
+) -> list[Result]:
+    """Time fn under every backend; amount is bytes (GB/s) or FLOPs (GFLOP/s) per call."""
+    results, ref_ms = [], None
+    for name in backends(setup):
+        if name == "reference" and skip_reference:
+            continue
+        with ops.use_backend(name):
+            ms = time_call(fn, setup)
+        if name == "reference":
+            ref_ms = ms
+        speedup = ref_ms / ms if ref_ms is not None else None
+        result = Result(kernel, shape, name, ms, speedup, amount / ms / 1e6, unit)
+        print_row(result)
+        results.append(result)
+    return results
+
+
+def print_header() -> None:
+    print(f"{'kernel':<10} {'shape':<44} {'backend':<10} {'ms':>10} {'speed-up':>9} {'rate':>14}")
+
+
+def print_row(r: Result) -> None:
+    speedup = f"{r.speedup:.1f}x" if r.speedup is not None else "-"
+    rate = f"{r.rate:.3g} {r.unit}"
+    print(f"{r.kernel:<10} {r.shape:<44} {r.backend:<10} {r.ms:>10.3f} {speedup:>9} {rate:>14}")
+    sys.stdout.flush()
+
+
+# ---------------------------------------------------------------- attention
+
+
+def attention_inputs(
+    model: Model, seqs: list[tuple[int, int]], setup: Setup, seed: int = 0
+) -> tuple[torch.Tensor, ...]:
+    """q, caches and metadata for sequences [(seq_len, q_len), ...] in a paged cache."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks = [math.ceil(s / BLOCK_SIZE) for s, _ in seqs]
+    max_blocks, num_blocks = max(blocks), sum(blocks)
+    shape = (num_blocks, BLOCK_SIZE, model.num_kv_heads, model.head_size)
+    k_cache = torch.randn(shape, generator=gen).to(setup.device, setup.dtype)
+    v_cache = torch.randn(shape, generator=gen).to(setup.device, setup.dtype)
+    if setup.block_order == "random":
+        order = torch.randperm(num_blocks, generator=gen)
+    else:
+        order = torch.arange(num_blocks)
+    block_tables = torch.zeros((len(seqs), max_blocks), dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(blocks):
+        block_tables[b, :n] = order[used : used + n].int()
+        used += n
+    q_lens = [q for _, q in seqs]
+    qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    seq_lens = torch.tensor([s for s, _ in seqs], dtype=torch.int32)
+    q = torch.randn((sum(q_lens), model.num_heads, model.head_size), generator=gen)
+    tensors = (q.to(setup.dtype), k_cache, v_cache, qsl, seq_lens, block_tables)
+    return tuple(t.to(setup.device) for t in tensors)
+
+
+def bench_decode(model: Model, batch: int, context: int, setup: Setup) -> list[Result]:
+    inputs = attention_inputs(model, [(context, 1)] * batch, setup)
+    q, k_cache = inputs[0], inputs[1]
+    kv_elems = batch * context * model.num_kv_heads * model.head_size
+    amount = 2 * kv_elems * k_cache.element_size() + q.numel() * q.element_size()
+    shape = f"{model.name} decode B={batch} ctx={context}"
+    call = partial(ops.paged_attention, *inputs, model.head_size**-0.5)
+    skip = not setup.cuda and kv_elems > CPU_REFERENCE_MAX_KV
+    return run_backends("attention", shape, setup, call, amount, "GB/s", skip)
+
+
+def bench_prefill(model: Model, length: int, setup: Setup, skip_reference: bool) -> list[Result]:
+    inputs = attention_inputs(model, [(length, length)], setup)
+    pairs = length * (length + 1) / 2  # visible (query, key) pairs under the causal mask
+    flops = 4 * model.num_heads * model.head_size * pairs
+    shape = f"{model.name} prefill {length}"
+    call = partial(ops.paged_attention, *inputs, model.head_size**-0.5)
+    return run_backends("attention", shape, setup, call, flops, "GFLOP/s", skip_reference)
+
+
+def bench_mixed(model: Model, setup: Setup) -> list[Result]:
+    """One 512-token prefill chunk after a 1,536-token prefix, with 31 decodes of 1,024."""
+    seqs = [(2048, 512)] + [(1024, 1)] * 31
+    inputs = attention_inputs(model, seqs, setup)
+    pairs = sum(q_len * (s - q_len) + q_len * (q_len + 1) / 2 for s, q_len in seqs)
+    flops = 4 * model.num_heads * model.head_size * pairs
+    shape = f"{model.name} mixed 512/2048 + 31 x 1024"
+    call = partial(ops.paged_attention, *inputs, model.head_size**-0.5)
+    return run_backends("attention", shape, setup, call, flops, "GFLOP/s")
+
+
+def bench_attention(setup: Setup) -> list[Result]:
+    results = []
+    if setup.cuda:
+        grid = {SMOLLM2: ([1, 8, 32, 64], [128, 512, 1024, 4096]),
+                QWEN2_7B: ([1, 8, 32, 64], [128, 512, 1024, 4096])}  # fmt: skip
+        prefill = [(SMOLLM2, False), (QWEN2_7B, False)]
+    elif setup.quick:
+        grid = {SMOLLM2: ([1, 32], [1024]), QWEN2_7B: ([8], [1024])}
+        prefill = [(SMOLLM2, False)]
+    else:
+        grid = {SMOLLM2: ([1, 8, 32, 64], [128, 1024, 4096]),
+                QWEN2_7B: ([1, 8, 32], [128, 1024, 4096])}  # fmt: skip
+        prefill = [(SMOLLM2, False), (QWEN2_7B, True)]
+    for model, (batches, contexts) in grid.items():
+        for batch in batches:
+            for context in contexts:
+                results += bench_decode(model, batch, context, setup)
+    for model, skip_reference in prefill:
+        results += bench_prefill(model, 2048, setup, skip_reference)
+    if not setup.quick:
+        results += bench_mixed(SMOLLM2, setup)
+    return results
+
+
+# ---------------------------------------------------------------- write_kv
+
+
+def bench_write_kv(setup: Setup) -> list[Result]:
+    results = []
+    for model, tokens in [(SMOLLM2, 64), (SMOLLM2, 2048), (QWEN2_7B, 2048)]:
+        num_blocks = 4096 // BLOCK_SIZE * 8
+        shape = (num_blocks, BLOCK_SIZE, model.num_kv_heads, model.head_size)
+        k_cache = torch.zeros(shape, dtype=setup.dtype, device=setup.device)
+        v_cache = torch.zeros_like(k_cache)
+        row = (tokens, model.num_kv_heads, model.head_size)
+        key = torch.randn(row).to(setup.device, setup.dtype)
+        value = torch.randn(row).to(setup.device, setup.dtype)
+        slots = torch.randperm(num_blocks * BLOCK_SIZE)[:tokens].to(setup.device)
+        amount = 4 * key.numel() * key.element_size()  # read key/value, write both
+        call = partial(ops.write_kv, key, value, k_cache, v_cache, slots)
+        results += run_backends("write_kv", f"{model.name} {tokens} tokens", setup, call, amount,
+                                "GB/s")  # fmt: skip
+    return results
+
+
+# ---------------------------------------------------------------- top-k logprobs
+
+
+def unfused_topk(logits: torch.Tensor, k: int) -> object:
+    """The plain torch baseline: the full log-softmax, then top-k."""
+    return torch.topk(torch.log_softmax(logits, dim=-1), k)
+
+
+def bench_topk(setup: Setup) -> list[Result]:
+    results = []
+    rows_grid = [1, 32] if setup.quick else [1, 4, 16, 32, 64]
+    for vocab in [49152, 152064]:
+        for rows in rows_grid:
+            gen = torch.Generator().manual_seed(rows)
+            logits = (torch.randn((rows, vocab), generator=gen) * 3).to(setup.device)
+            token_ids = torch.randint(0, vocab, (rows,), generator=gen).to(setup.device)
+            amount = logits.numel() * logits.element_size()
+            k = 20
+            call = partial(ops.topk_logprobs, logits, k, token_ids)
+            shape = f"{rows} x {vocab} k={k}"
+            found = run_backends("topk", shape, setup, call, amount, "GB/s")
+            ms = time_call(partial(unfused_topk, logits, k), setup)
+            ref_ms = found[0].ms if found and found[0].backend == "reference" else None
+            base = Result("topk", shape, "torch", ms, ref_ms / ms if ref_ms else None,
+                          amount / ms / 1e6, "GB/s")  # fmt: skip
+            print_row(base)
+            for r in found:
+                if r.backend != "reference":
+                    print(f"{'':<10} {'':<44} {r.backend + ' vs torch':<20} {ms / r.ms:>8.1f}x")
+            results += found + [base]
+    return results
+
+
+# ---------------------------------------------------------------- beam pruning
+
+
+def bench_beam(setup: Setup) -> list[Result]:
+    results = []
+    groups = 64
+    for width in [1, 2, 4, 8]:
+        cands = 2 * width
+        gen = torch.Generator().manual_seed(width)
+        beam_scores = (-torch.rand((groups, width), generator=gen) * 10).to(setup.device)
+        tokens = torch.randint(0, 152064, (groups, width, cands), generator=gen).to(setup.device)
+        logprobs = (-torch.rand((groups, width, cands), generator=gen) * 5).to(setup.device)
+        amount = beam_scores.numel() * 4 + tokens.numel() * 8 + logprobs.numel() * 4
+        call = partial(ops.beam_prune, beam_scores, tokens, logprobs, 2 * width)
+        shape = f"{groups} groups W={width} C={cands}"
+        results += run_backends("beam", shape, setup, call, amount, "GB/s")
+    return results
+
+
+BENCHES = {"attention": bench_attention, "write_kv": bench_write_kv, "topk": bench_topk,
+           "beam": bench_beam}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("which", nargs="?", default="all", choices=[*BENCHES, "all"])
+    parser.add_argument("--quick", action="store_true", help="a small grid (CPU: seconds)")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument(
+        "--block-order",
+        choices=["random", "contiguous"],
+        default="random",
+        help="how the cache blocks of a sequence are spread (default random)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        help="KV cache and q dtype (default float32 on CPU, float16 on CUDA)",
+    )
+    parser.add_argument(
+        "--min-time", type=float, default=0.2, help="seconds of repeated calls per measurement"
+    )
+    parser.add_argument(
+        "--threads", type=int, help="CPU threads for torch and the C++ kernels (one OpenMP pool)"
+    )
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    cuda = torch.cuda.is_available()
+    dtype_name = args.dtype or ("float16" if cuda else "float32")
+    setup = Setup(
+        device=torch.device("cuda" if cuda else "cpu"),
+        dtype=getattr(torch, dtype_name),
+        quick=args.quick,
+        block_order=args.block_order,
+        min_time=args.min_time,
+    )
+    where = torch.cuda.get_device_name() if cuda else f"{platform.processor() or 'CPU'}"
+    threads = torch.get_num_threads()
+    print(f"# device {where} ({setup.device}), {threads} threads, dtype {dtype_name}, "
+          f"backends {', '.join(backends(setup))}, blocks {args.block_order}")  # fmt: skip
+    print_header()
+    results = []
+    for name in BENCHES if args.which == "all" else [args.which]:
+        results += BENCHES[name](setup)
+    if args.json:
+        with open(args.json, "w") as f:
+            info = {"device": where, "dtype": dtype_name, "quick": args.quick}
+            json.dump({"setup": info, "results": [asdict(r) for r in results]}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

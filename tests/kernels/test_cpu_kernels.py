@@ -1,0 +1,316 @@
+"""The C++ (CPU) kernels against the torch reference over shapes and edge cases."""
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("xllm._C", reason="the C++ extension is not built (pip install -e .)")
+
+from xllm import ops  # noqa: E402
+from xllm.ops import cpu, reference  # noqa: E402
+
+# float32 tolerances: attention sums products of O(1) values over up to a few
+# thousand keys in another order (and with FMA); logprobs differ by the order of
+# the softmax sum; beam scores are the same single float32 addition (exact).
+ATTN_TOL = {"atol": 2e-5, "rtol": 1e-4}
+LOGPROB_TOL = {"atol": 1e-5, "rtol": 1e-5}
+
+
+def make_batch(
+    seqs: list[tuple[int, int]],
+    num_heads: int,
+    num_kv_heads: int,
+    head_size: int,
+    block_size: int,
+    seed: int = 0,
+    spare_blocks: int = 3,
+):
+    """A paged cache holding the sequences [(seq_len, q_len), ...] in shuffled blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks_per_seq = [max(1, math.ceil(s / block_size)) for s, _ in seqs]
+    max_blocks = max(blocks_per_seq) + 1  # one unused column, filled with junk ids
+    num_blocks = sum(blocks_per_seq) + spare_blocks
+    shape = (num_blocks, block_size, num_kv_heads, head_size)
+    k_cache = torch.randn(shape, generator=gen)
+    v_cache = torch.randn(shape, generator=gen)
+    perm = torch.randperm(num_blocks, generator=gen)
+    block_tables = torch.full((len(seqs), max_blocks), 10**6, dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(blocks_per_seq):
+        block_tables[b, :n] = perm[used : used + n].int()
+        used += n
+    q_lens = [q for _, q in seqs]
+    query_start_loc = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    seq_lens = torch.tensor([s for s, _ in seqs], dtype=torch.int32)
+    q = torch.randn((sum(q_lens), num_heads, head_size), generator=gen)
+    return q, k_cache, v_cache, query_start_loc, seq_lens, block_tables
+
+
+def check_attention(seqs, num_heads, num_kv_heads, head_size, block_size, seed=0):
+    q, k_cache, v_cache, qsl, seq_lens, block_tables = make_batch(
+        seqs, num_heads, num_kv_heads, head_size, block_size, seed
+    )
+    scale = head_size**-0.5
+    want = reference.paged_attention(q, k_cache, v_cache, qsl, seq_lens, block_tables, scale)
+    got = cpu.paged_attention(q, k_cache, v_cache, qsl, seq_lens, block_tables, scale)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    rows = slice(0, int(qsl[-1]))
+    torch.testing.assert_close(got[rows], want[rows], **ATTN_TOL)
+
+
+# (seq_len, q_len) per sequence.
+ATTENTION_CASES = {
+    "context_1": [(1, 1)],
+    "prefill_one_token": [(1, 1), (1, 1)],
+    "on_block_boundary": [(16, 1), (32, 1), (16, 16)],
+    "past_block_boundary": [(17, 1), (33, 1), (17, 17)],
+    "chunk_ends_prompt": [(45, 13)],
+    "chunk_mid_prompt_then_decode": [(40, 8), (41, 1)],
+    "mixed_prefill_decode": [(70, 70), (5, 1), (129, 1), (60, 20), (1, 1)],
+    "empty_sequence_in_batch": [(20, 0), (21, 1), (9, 9)],
+    "many_decodes": [(1 + 37 * i % 300, 1) for i in range(40)],
+    # Long keys of few items are split across threads (when there are several).
+    "long_decode_split": [(5000, 1)],
+    "two_long_decodes": [(4000, 1), (2900, 1)],
+    "multi_tile_prefill": [(150, 150)],
+    "prefill_after_long_prefix": [(700, 90)],
+    "short_chunks": [(12, 2), (30, 3), (9, 4), (5, 1)],
+}
+
+
+@pytest.mark.parametrize("case", sorted(ATTENTION_CASES))
+def test_paged_attention_cases(case):
+    check_attention(ATTENTION_CASES[case], num_heads=9, num_kv_heads=3, head_size=64, block_size=16)
+
+
+@pytest.mark.parametrize("block_size", [8, 16, 32, 128])
+@pytest.mark.parametrize("head_size", [64, 128])
+def test_paged_attention_block_and_head_sizes(block_size, head_size):
+    seqs = [(block_size, 1), (block_size + 1, 1), (3 * block_size - 1, 2 * block_size), (1, 1)]
+    check_attention(seqs, num_heads=4, num_kv_heads=2, head_size=head_size, block_size=block_size)
+
+
+@pytest.mark.parametrize("group", [1, 3, 7, 16])
+def test_paged_attention_gqa_groups(group):
+    seqs = [(50, 50), (77, 1), (33, 5)]
+    check_attention(seqs, num_heads=2 * group, num_kv_heads=2, head_size=64, block_size=16)
+
+
+@pytest.mark.parametrize("head_size", [32, 40, 96])
+def test_paged_attention_other_head_sizes(head_size):
+    seqs = [(30, 30), (19, 1), (70, 1)]
+    check_attention(seqs, num_heads=6, num_kv_heads=2, head_size=head_size, block_size=8)
+
+
+def test_paged_attention_qwen_shapes():
+    seqs = [(300, 1), (64, 64), (129, 1)]
+    check_attention(seqs, num_heads=28, num_kv_heads=4, head_size=128, block_size=16)
+
+
+def test_paged_attention_noncontiguous_q_and_int64_indices():
+    q, k_cache, v_cache, qsl, seq_lens, block_tables = make_batch(
+        [(25, 5), (10, 1)], 6, 2, 64, 8, seed=3
+    )
+    qkv = torch.randn(q.shape[0], 3 * 6 * 64)
+    qkv[:, : 6 * 64] = q.reshape(q.shape[0], -1)
+    q_view = qkv[:, : 6 * 64].view(q.shape[0], 6, 64)
+    assert not q_view.is_contiguous()
+    want = reference.paged_attention(q, k_cache, v_cache, qsl, seq_lens, block_tables, 0.1)
+    got = cpu.paged_attention(
+        q_view, k_cache, v_cache, qsl.long(), seq_lens.long(), block_tables.long(), 0.1
+    )
+    torch.testing.assert_close(got, want, **ATTN_TOL)
+
+
+def test_paged_attention_rejects_bad_input():
+    q, k_cache, v_cache, qsl, seq_lens, block_tables = make_batch([(20, 1)], 4, 2, 64, 8)
+    with pytest.raises(TypeError):
+        cpu.paged_attention(q.double(), k_cache, v_cache, qsl, seq_lens, block_tables, 0.1)
+    with pytest.raises(ValueError, match="block table"):
+        cpu.paged_attention(q, k_cache, v_cache, qsl, seq_lens + 100, block_tables, 0.1)
+    bad_tables = block_tables.clone()
+    bad_tables[0, 0] = k_cache.shape[0]
+    with pytest.raises(ValueError, match="out of range"):
+        cpu.paged_attention(q, k_cache, v_cache, qsl, seq_lens, bad_tables, 0.1)
+
+
+def test_dispatch_picks_cpp_for_cpu_tensors():
+    assert ops.available("cpp")
+    assert ops.backend_for(torch.zeros(1)) is cpu
+    with ops.use_backend("reference"):
+        assert ops.backend_for(torch.zeros(1)) is reference
+
+
+# ---------------------------------------------------------------- write_kv
+
+
+@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("num_tokens", [0, 1, 7, 300])
+def test_write_kv(slot_dtype, num_tokens):
+    gen = torch.Generator().manual_seed(num_tokens)
+    num_blocks, block_size, kv_heads, head_size = 40, 8, 3, 64
+    shape = (num_blocks, block_size, kv_heads, head_size)
+    k_cache, v_cache = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    k_want, v_want = k_cache.clone(), v_cache.clone()
+    key = torch.randn((num_tokens, kv_heads, head_size), generator=gen)
+    value = torch.randn((num_tokens, kv_heads, head_size), generator=gen)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens].to(slot_dtype)
+    slots[::3] = -1
+    reference.write_kv(key, value, k_want, v_want, slots)
+    cpu.write_kv(key, value, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, k_want) and torch.equal(v_cache, v_want)
+
+
+def test_write_kv_strided_views_and_bad_slot():
+    kv_heads, head_size = 2, 64
+    k_cache = torch.zeros((4, 16, kv_heads, head_size))
+    v_cache = torch.zeros_like(k_cache)
+    qkv = torch.randn(5, 3 * kv_heads * head_size)
+    key = qkv[:, kv_heads * head_size : 2 * kv_heads * head_size].view(5, kv_heads, head_size)
+    value = qkv[:, 2 * kv_heads * head_size :].view(5, kv_heads, head_size)
+    slots = torch.tensor([63, 0, -1, 17, 18])
+    cpu.write_kv(key, value, k_cache, v_cache, slots)
+    flat_k = k_cache.view(-1, kv_heads, head_size)
+    flat_v = v_cache.view(-1, kv_heads, head_size)
+    for t, s in enumerate(slots.tolist()):
+        if s >= 0:
+            assert torch.equal(flat_k[s], key[t]) and torch.equal(flat_v[s], value[t])
+    assert flat_k.abs().sum(dim=(1, 2)).count_nonzero() == 4
+    with pytest.raises(ValueError, match="slot"):
+        cpu.write_kv(key, value, k_cache, v_cache, torch.tensor([0, 1, 2, 3, 64]))
+
+
+# ---------------------------------------------------------------- top-k logprobs
+
+
+def check_topk(logits: torch.Tensor, k: int, token_ids: torch.Tensor | None = None) -> None:
+    if token_ids is None:
+        token_ids = torch.randint(0, logits.shape[1], (logits.shape[0],))
+    want_v, want_i, want_c = reference.topk_logprobs(logits, k, token_ids)
+    got_v, got_i, got_c = cpu.topk_logprobs(logits, k, token_ids)
+    assert got_v.dtype == torch.float32 and got_i.dtype == torch.int64
+    assert got_v.shape == (logits.shape[0], k) and got_c.shape == (logits.shape[0],)
+    torch.testing.assert_close(got_v, want_v, **LOGPROB_TOL)
+    torch.testing.assert_close(got_c, want_c, **LOGPROB_TOL)
+    assert torch.equal(got_i, want_i)
+
+
+@pytest.mark.parametrize("k", [1, 5, 20])
+@pytest.mark.parametrize("rows,vocab", [(1, 49152), (3, 152064), (8, 1000), (33, 4099)])
+def test_topk_shapes(rows, vocab, k):
+    gen = torch.Generator().manual_seed(rows * vocab + k)
+    check_topk(torch.randn((rows, vocab), generator=gen) * 4, k)
+
+
+def test_topk_small_vocab_k_equals_vocab():
+    check_topk(torch.randn(4, 20), 20)
+    check_topk(torch.randn(2, 1), 1, torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("k", [1, 20])
+def test_topk_ties_go_to_lower_token(k):
+    gen = torch.Generator().manual_seed(k)
+    logits = torch.randint(0, 4, (6, 5000), generator=gen).float()
+    check_topk(logits, k)
+    flat = torch.zeros(2, 70000)  # every entry ties
+    check_topk(flat, k)
+    values, indices, _ = cpu.topk_logprobs(flat, k, torch.zeros(2, dtype=torch.long))
+    assert indices[0].tolist() == list(range(k))
+
+
+@pytest.mark.parametrize("k", [1, 20])
+def test_topk_neg_inf_logits(k):
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn((4, 30000), generator=gen)
+    logits[:, ::2] = float("-inf")
+    logits[1, :] = float("-inf")
+    logits[1, 12345] = 2.0
+    logits[2, : 30000 - 5] = float("-inf")  # fewer finite entries than k
+    token_ids = torch.tensor([0, 12345, 29999, 1])
+    check_topk(logits, k, token_ids)
+    _, _, chosen = cpu.topk_logprobs(logits, k, token_ids)
+    assert chosen[0] == float("-inf") and chosen[1] == 0.0
+
+
+def test_topk_rounding_ties_follow_the_logprobs():
+    # Distinct logits that round to one logprob rank by token id, as the reference's do.
+    logits = torch.zeros(2, 100000)
+    logits[:, 50] = 1e-7
+    logits[:, 60] = 2e-7
+    logits[1, 3] = 5.0
+    want_v, _, _ = reference.topk_logprobs(logits, 3, torch.zeros(2, dtype=torch.long))
+    assert want_v[0, 0] == want_v[0, 2]  # the case is real: the three logprobs are equal
+    check_topk(logits, 3)
+    check_topk(logits, 1)
+
+
+def test_topk_one_dominating_entry():
+    logits = torch.zeros(3, 152064)
+    logits[0, 100] = 1e4
+    logits[1, 151999] = 80.0
+    logits[2, 0] = 30.0
+    check_topk(logits, 20, torch.tensor([100, 0, 0]))
+    values, indices, chosen = cpu.topk_logprobs(logits, 1, torch.tensor([100, 0, 0]))
+    assert indices[:, 0].tolist() == [100, 151999, 0]
+    assert chosen[0] == 0.0
+
+
+def test_topk_half_precision_and_strided_rows():
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn((5, 2, 3000), generator=gen)[:, 1]
+    check_topk(logits, 7)
+    check_topk(torch.randn(3, 3000).bfloat16(), 4)
+
+
+def test_topk_rejects_bad_input():
+    with pytest.raises(ValueError):
+        cpu.topk_logprobs(torch.randn(2, 10), 11, torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="token id"):
+        cpu.topk_logprobs(torch.randn(2, 10), 3, torch.tensor([0, 10]))
+
+
+# ---------------------------------------------------------------- beam pruning
+
+
+def check_beam(beam_scores, cand_tokens, cand_logprobs, num_keep):
+    want = reference.beam_prune(beam_scores, cand_tokens, cand_logprobs, num_keep)
+    got = cpu.beam_prune(beam_scores, cand_tokens, cand_logprobs, num_keep)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("width", range(1, 9))
+def test_beam_prune_widths(width):
+    gen = torch.Generator().manual_seed(width)
+    groups, cands = 64, 2 * width
+    beam_scores = -torch.rand((groups, width), generator=gen) * 10
+    cand_tokens = torch.randint(0, 152064, (groups, width, cands), generator=gen)
+    cand_logprobs = -torch.rand((groups, width, cands), generator=gen) * 5
+    for num_keep in {1, width, 2 * width, width * cands}:
+        check_beam(beam_scores, cand_tokens, cand_logprobs, num_keep)
+
+
+@pytest.mark.parametrize("width", [1, 3, 8])
+def test_beam_prune_ties_and_dead_beams(width):
+    gen = torch.Generator().manual_seed(100 + width)
+    groups, cands = 9, 2 * width
+    beam_scores = -torch.randint(0, 3, (groups, width), generator=gen).float()
+    beam_scores[0, -1] = float("-inf")  # a padded, dead beam
+    beam_scores[1, :] = float("-inf")
+    cand_tokens = torch.randint(0, 6, (groups, width, cands), generator=gen)  # repeats
+    cand_logprobs = -torch.randint(0, 3, (groups, width, cands), generator=gen).float()
+    check_beam(beam_scores, cand_tokens, cand_logprobs, 2 * width)
+    parents, tokens, scores = cpu.beam_prune(beam_scores, cand_tokens, cand_logprobs, 2 * width)
+    # Best first; equal scores by lower beam, then lower token.
+    for g in range(groups):
+        columns = ((-scores[g]).tolist(), parents[g].tolist(), tokens[g].tolist())
+        keys = list(zip(*columns, strict=True))
+        assert keys == sorted(keys)
+
+
+def test_beam_prune_rejects_too_many():
+    with pytest.raises(ValueError):
+        cpu.beam_prune(torch.zeros(1, 2), torch.zeros(1, 2, 3, dtype=torch.long),
+                       torch.zeros(1, 2, 3), 7)  # fmt: skip

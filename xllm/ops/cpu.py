@@ -1,0 +1,153 @@
+"""The C++ (CPU) kernels of csrc/ behind the reference signatures; checks layouts, then calls."""
+
+import torch
+
+from xllm import _C
+
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+_F32 = torch.float32
+_I32 = torch.int32
+
+
+def _require_cpu_f32(name: str, t: torch.Tensor) -> None:
+    if t.dtype is not _F32 or not t.is_cpu:
+        raise TypeError(f"{name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
+
+
+def _cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    _require_cpu_f32("k_cache", k_cache)
+    _require_cpu_f32("v_cache", v_cache)
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError("k_cache and v_cache must both be [num_blocks, block_size, H_kv, D]")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("the KV caches must be contiguous")
+
+
+def _int32(t: torch.Tensor) -> torch.Tensor:
+    if t.dtype is not _I32:
+        if t.dtype not in _INDEX_DTYPES:
+            raise TypeError(f"index tensors must be int32, got {t.dtype}")
+        t = t.to(_I32)
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t with its last two dims packed ([T, A, B] rows of A * B floats), any token stride."""
+    if t.stride(-1) != 1 or t.stride(-2) != t.shape[-1]:
+        t = t.contiguous()
+    return t
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """See `xllm.ops.reference.paged_attention` (float32 only)."""
+    _require_cpu_f32("q", q)
+    _cache_pair(k_cache, v_cache)
+    num_tokens, num_heads, head_size = q.shape
+    num_blocks, block_size, num_kv_heads, cache_head_size = k_cache.shape
+    if cache_head_size != head_size:
+        raise ValueError("q and the caches disagree on the head size")
+    q = _rows(q)
+    query_start_loc = _int32(query_start_loc)
+    seq_lens = _int32(seq_lens)
+    block_tables = _int32(block_tables)
+    num_seqs = seq_lens.shape[0]
+    max_blocks = block_tables.shape[1]
+    if query_start_loc.shape[0] != num_seqs + 1 or block_tables.shape[0] != num_seqs:
+        raise ValueError("query_start_loc must be [B + 1] and block_tables [B, max_blocks]")
+    out = torch.empty((num_tokens, num_heads, head_size), dtype=_F32)
+    _C.paged_attention(
+        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
+        query_start_loc.data_ptr(), seq_lens.data_ptr(), block_tables.data_ptr(),
+        num_tokens, num_seqs, num_heads, num_kv_heads, head_size,
+        num_blocks, block_size, max_blocks, scale,
+    )  # fmt: skip
+    return out
+
+
+def write_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """See `xllm.ops.reference.write_kv` (float32 only)."""
+    _require_cpu_f32("key", key)
+    _require_cpu_f32("value", value)
+    _cache_pair(k_cache, v_cache)
+    num_blocks, block_size, num_kv_heads, head_size = k_cache.shape
+    num_tokens = key.shape[0]
+    if key.shape != (num_tokens, num_kv_heads, head_size) or value.shape != key.shape:
+        raise ValueError("key and value must be [T, H_kv, D] matching the caches")
+    if slot_mapping.shape != (num_tokens,):
+        raise ValueError("slot_mapping must be [T]")
+    if slot_mapping.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"slot_mapping must be int32 or int64, got {slot_mapping.dtype}")
+    key, value, slot_mapping = _rows(key), _rows(value), slot_mapping.contiguous()
+    _C.write_kv(
+        key.data_ptr(), key.stride(0), value.data_ptr(), value.stride(0),
+        k_cache.data_ptr(), v_cache.data_ptr(), slot_mapping.data_ptr(),
+        slot_mapping.dtype == torch.int64, num_tokens, num_kv_heads * head_size,
+        num_blocks * block_size,
+    )  # fmt: skip
+
+
+def topk_logprobs(
+    logits: torch.Tensor, k: int, token_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """See `xllm.ops.reference.topk_logprobs`."""
+    if logits.device.type != "cpu" or logits.dim() != 2:
+        raise ValueError("logits must be a 2-D CPU tensor")
+    if logits.dtype != torch.float32:
+        logits = logits.float()
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    rows, vocab = logits.shape
+    if not 1 <= k <= vocab:
+        raise ValueError(f"k must be in 1..{vocab}, got {k}")
+    if token_ids.shape != (rows,):
+        raise ValueError("token_ids must be [N]")
+    token_ids = token_ids.to(torch.int64).contiguous()
+    values = torch.empty((rows, k), dtype=torch.float32)
+    indices = torch.empty((rows, k), dtype=torch.int64)
+    chosen = torch.empty((rows,), dtype=torch.float32)
+    _C.topk_logprobs(
+        logits.data_ptr(), logits.stride(0) if rows > 0 else vocab, rows, vocab, k,
+        token_ids.data_ptr(), values.data_ptr(), indices.data_ptr(), chosen.data_ptr(),
+    )  # fmt: skip
+    return values, indices, chosen
+
+
+def beam_prune(
+    beam_scores: torch.Tensor,
+    cand_tokens: torch.Tensor,
+    cand_logprobs: torch.Tensor,
+    num_keep: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """See `xllm.ops.reference.beam_prune`."""
+    groups, width, cands = cand_tokens.shape
+    if beam_scores.shape != (groups, width) or cand_logprobs.shape != cand_tokens.shape:
+        raise ValueError("beam_scores must be [G, W], cand_tokens and cand_logprobs [G, W, C]")
+    if not 0 <= num_keep <= width * cands:
+        raise ValueError(f"num_keep must be in 0..{width * cands}, got {num_keep}")
+    beam_scores = beam_scores.float().contiguous()
+    cand_logprobs = cand_logprobs.float().contiguous()
+    cand_tokens = cand_tokens.to(torch.int64).contiguous()
+    parents = torch.empty((groups, num_keep), dtype=torch.int64)
+    tokens = torch.empty((groups, num_keep), dtype=torch.int64)
+    scores = torch.empty((groups, num_keep), dtype=torch.float32)
+    _C.beam_prune(
+        beam_scores.data_ptr(), cand_tokens.data_ptr(), cand_logprobs.data_ptr(),
+        groups, width, cands, num_keep, parents.data_ptr(), tokens.data_ptr(), scores.data_ptr(),
+    )  # fmt: skip
+    return parents, tokens, scores
