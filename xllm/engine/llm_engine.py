@@ -165,7 +165,7 @@ class LLMEngine:
             seq, start = item.seq, item.seq.num_computed
             end = start + item.num_new_tokens
             offsets = []
-            if seq.prompt_logprobs is not None:
+            if seq.needs_prompt_logprobs:
                 first = max(start, len(seq.prompt_logprobs) - 1)
                 offsets = [p - start for p in range(first, min(end, seq.num_prompt_tokens - 1))]
                 if offsets:

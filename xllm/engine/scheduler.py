@@ -58,7 +58,7 @@ class Scheduler:
             if len(self.running) >= self.max_num_seqs:
                 break
             seq = self.waiting[0]
-            if not seq.block_table:
+            if not seq.block_table and not seq.needs_prompt_logprobs:
                 seq.num_computed = self.blocks.allocate_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed, budget)
             needed = self.blocks.blocks_needed(seq, seq.num_computed + n)

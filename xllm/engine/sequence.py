@@ -50,5 +50,12 @@ class Sequence:
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Whether prompt positions must still be computed for their logprobs."""
+        return self.prompt_logprobs is not None and (
+            len(self.prompt_logprobs) < self.num_prompt_tokens
+        )
+
+    @property
     def finished(self) -> bool:
         return self.status == Status.FINISHED
