@@ -31,12 +31,15 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", (freqs.cos() * scaling).float(), persistent=False)
         self.register_buffer("sin", (freqs.sin() * scaling).float(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Rotate x [T, heads, head_dim] by each token's position."""
-        cos = self.cos[positions].unsqueeze(1).to(x.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [T, 1, head_dim / 2] of each token's position."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [T, heads, head_dim] (rotate-half layout) by the looked-up angles."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 class Attention(nn.Module):
@@ -57,12 +60,14 @@ class Attention(nn.Module):
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding):
-        tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
-        q = rotary(positions, q.view(tokens, self.num_heads, self.head_dim))
-        k = rotary(positions, k.view(tokens, self.num_kv_heads, self.head_dim))
-        v = v.reshape(tokens, self.num_kv_heads, self.head_dim)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        tokens, heads = x.shape[0], self.num_heads
+        qkv = self.qkv_proj(x)
+        q_and_k = self.sizes[0] + self.sizes[1]
+        # q and k sit side by side in qkv: rotate them in one go.
+        qk = rotate(qkv[:, :q_and_k].view(tokens, -1, self.head_dim), cos, sin)
+        q, k = qk[:, :heads], qk[:, heads:]
+        v = qkv[:, q_and_k:].view(tokens, self.num_kv_heads, self.head_dim)
         ctx = get_context()
         ops.write_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
         out = ops.paged_attention(
@@ -102,8 +107,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, positions, rotary):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -126,8 +131,10 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary.lookup(positions)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for layer in self.layers:
-            x = layer(x, positions, self.rotary)
+            x = layer(x, cos, sin)
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
