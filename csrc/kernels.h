@@ -39,4 +39,8 @@ void beam_prune(const float* beam_scores, const int64_t* cand_tokens, const floa
                 int64_t groups, int64_t width, int64_t cands, int64_t num_keep, int64_t* parents,
                 int64_t* tokens, float* scores);
 
+// y [M, N] = x [M, K] @ weight [N, K]^T (+ bias [N] when not null), all contiguous.
+void linear(const float* x, const float* weight, const float* bias, float* y, int64_t M,
+            int64_t N, int64_t K);
+
 }  // namespace xllm

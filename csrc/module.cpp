@@ -70,5 +70,14 @@ PYBIND11_MODULE(_C, m) {
                          ptr<int64_t>(parents), ptr<int64_t>(tokens), ptr<float>(scores));
       },
       py::call_guard<py::gil_scoped_release>(), "Beam pruning; see xllm.ops.reference.");
+  m.def(
+      "linear",
+      [](uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t y, int64_t M, int64_t N,
+         int64_t K) {
+        xllm::linear(ptr<const float>(x), ptr<const float>(weight), ptr<const float>(bias),
+                     ptr<float>(y), M, N, K);
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "y = x @ weight^T (+ bias; pass 0 for none); see xllm.ops.reference.");
   m.def("num_threads", []() { return omp_get_max_threads(); }, "OpenMP threads the kernels use.");
 }

@@ -1,12 +1,15 @@
 """Times each kernel backend (reference, C++, Triton) on serving shapes; prints speed-ups and GB/s.
 
-Usage: python benchmarks/kernels/bench_kernels.py [attention|write_kv|topk|beam|all] [--quick]
-       [--json PATH] [--threads N] [--block-order random|contiguous] [--dtype float32|...]
+Usage: python benchmarks/kernels/bench_kernels.py [attention|write_kv|topk|beam|linear|all]
+       [--quick] [--json PATH] [--threads N] [--block-order random|contiguous] [--dtype float32|...]
 
 On a CUDA machine the tensors live on the GPU and the backends are reference and
 triton; otherwise on the CPU with reference and cpp. Bandwidth counts the bytes a
 kernel must read (K/V and q for attention, the logits for top-k); prefill reports
 GFLOP/s of the causal attention (4 * heads * head_size per visible query-key pair).
+`linear` (CPU only; on CUDA both sides would be cuBLAS) compares the C++ skinny GEMM with
+torch's F.linear (the reference) and prints weight GB/s and GFLOP/s, then times all 121
+projections of one SmolLM2 decode step.
 CPU times are the fastest of repeated calls (the machine may be shared).
 """
 
@@ -303,8 +306,83 @@ def bench_beam(setup: Setup) -> list[Result]:
     return results
 
 
+# ---------------------------------------------------------------- linear
+
+# (K, N) of the projections: SmolLM2-135M qkv, o, gate_up, down, lm_head; Qwen2-7B qkv, gate_up.
+LINEAR_SHAPES = [("SmolLM2", 576, 960), ("SmolLM2", 576, 576), ("SmolLM2", 576, 3072),
+                 ("SmolLM2", 1536, 576), ("SmolLM2", 576, 49152),
+                 ("Qwen2-7B", 3584, 4608), ("Qwen2-7B", 3584, 37888)]  # fmt: skip
+SMOLLM2_LAYERS = 30
+# On the CPU the reference is skipped above this many multiply-adds (F.linear takes ~1 s).
+CPU_REFERENCE_MAX_MACS = 64 * 3584 * 37888
+
+
+def print_linear_row(r: Result, gflops: float) -> None:
+    speedup = f"{r.speedup:.2f}x" if r.speedup is not None else "-"
+    print(f"{r.kernel:<10} {r.shape:<44} {r.backend:<10} {r.ms:>10.3f} {speedup:>9} "
+          f"{r.rate:>8.1f} GB/s {gflops:>7.1f} GFLOP/s")  # fmt: skip
+    sys.stdout.flush()
+
+
+def time_linear(shape: str, setup: Setup, fn: Callable[[], object], weight_bytes: float,
+                flops: float, skip_reference: bool = False) -> list[Result]:  # fmt: skip
+    results, ref_ms = [], None
+    for name in backends(setup):
+        if name == "reference" and skip_reference:
+            continue
+        with ops.use_backend(name):
+            ms = time_call(fn, setup)
+        ref_ms = ms if name == "reference" else ref_ms
+        speedup = ref_ms / ms if ref_ms is not None else None
+        result = Result("linear", shape, name, ms, speedup, weight_bytes / ms / 1e6, "GB/s")
+        print_linear_row(result, flops / ms / 1e6)
+        results.append(result)
+    return results
+
+
+def decode_step_linears(m: int, layer_weights: list, lm_head: torch.Tensor) -> None:
+    """The 121 projections of one SmolLM2 decode step at batch m, in model order (inputs are
+    random: only the matmuls are timed)."""
+    x, act = torch.randn((m, 576)), torch.randn((m, 1536))
+    for qkv, o, gate_up, down in layer_weights:
+        ops.linear(x, qkv)
+        ops.linear(x, o)
+        ops.linear(x, gate_up)
+        ops.linear(act, down)
+    ops.linear(x, lm_head)
+
+
+def bench_linear(setup: Setup) -> list[Result]:
+    if setup.cuda:
+        print("linear: skipped on CUDA (the backend is F.linear, i.e. cuBLAS, on both sides)")
+        return []
+    results = []
+    rows_grid = [1, 16] if setup.quick else [1, 4, 16, 32, 64]
+    shapes = LINEAR_SHAPES[:5] if setup.quick else LINEAR_SHAPES
+    for model, k, n in shapes:
+        weight = torch.randn((n, k)) * k**-0.5
+        for m in rows_grid:
+            x = torch.randn((m, k))
+            call = partial(ops.linear, x, weight)
+            skip = m * n * k > CPU_REFERENCE_MAX_MACS
+            shape = f"{model} M={m} K={k} N={n}"
+            results += time_linear(shape, setup, call, n * k * 4, 2 * m * n * k, skip)
+        del weight
+    # One decode step: every layer has its own weights, so they stream from memory as in serving.
+    layer_weights = [tuple(torch.randn(shape) * 0.04 for shape in
+                           [(960, 576), (576, 576), (3072, 576), (576, 1536)])
+                     for _ in range(SMOLLM2_LAYERS)]  # fmt: skip
+    lm_head = torch.randn((49152, 576)) * 0.04
+    total_bytes = 4 * (sum(w.numel() for ws in layer_weights for w in ws) + lm_head.numel())
+    for m in [1, 16]:
+        call = partial(decode_step_linears, m, layer_weights, lm_head)
+        shape = f"SmolLM2 decode step, 121 linears, M={m}"
+        results += time_linear(shape, setup, call, total_bytes, 2 * m * total_bytes / 4)
+    return results
+
+
 BENCHES = {"attention": bench_attention, "write_kv": bench_write_kv, "topk": bench_topk,
-           "beam": bench_beam}  # fmt: skip
+           "beam": bench_beam, "linear": bench_linear}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

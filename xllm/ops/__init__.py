@@ -75,3 +75,8 @@ def topk_logprobs(logits, k, token_ids):
 def beam_prune(beam_scores, cand_tokens, cand_logprobs, num_keep):
     """See `reference.beam_prune`."""
     return backend_for(beam_scores).beam_prune(beam_scores, cand_tokens, cand_logprobs, num_keep)
+
+
+def linear(x, weight, bias=None):
+    """See `reference.linear`."""
+    return backend_for(x).linear(x, weight, bias)

@@ -16,6 +16,10 @@ from xllm_triton.beam import beam_prune_kernel
 from xllm_triton.cache import write_kv_kernel
 from xllm_triton.logprobs import chunk_stats_kernel, chunk_topk_kernel, merge_topk_kernel
 
+# Linear layers on CUDA are cuBLAS's job (tuned GEMMs and tensor cores); a Triton GEMM here
+# would only add compile time. Same signature as `xllm.ops.reference.linear`.
+linear = torch.nn.functional.linear
+
 INTERPRETED = not isinstance(write_kv_kernel, triton.runtime.JITFunction)
 VOCAB_CHUNK = 4096
 MIN_SPLIT_TOKENS = 512

@@ -109,3 +109,8 @@ def beam_prune(
     by_score = torch.sort(scores.gather(1, order), dim=1, descending=True, stable=True).indices
     order = order.gather(1, by_score)[:, :num_keep]
     return parents.gather(1, order), tokens.gather(1, order), scores.gather(1, order)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ weight^T (+ bias): x [..., K], weight [N, K], bias [N]; returns [..., N]."""
+    return torch.nn.functional.linear(x, weight, bias)
