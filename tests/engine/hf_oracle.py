@@ -290,9 +290,12 @@ def build_tiny_model(spec: TinySpec, folder: Path, tokenizer) -> Path:
 
 
 def load_hf_folder(folder: Path):
+    """The transformers model of a tiny folder, in float64: random weights this large make
+    the network sensitive enough that float32 rounding alone (transformers' or ours) moves
+    logprobs by ~1e-4, so the oracle computes exactly and only the engine rounds."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
 
 
 def run(llm, prompts, params):
