@@ -159,6 +159,8 @@ void rows_range(const float* x, const float* w, const float* bias, float* y, int
 
 }  // namespace
 
+constexpr int64_t kChunksPerThread = 8;
+
 void linear(const float* x, const float* weight, const float* bias, float* y, int64_t M,
             int64_t N, int64_t K) {
   if (M < 0 || N < 0 || K < 0) throw std::invalid_argument("linear: negative size");
@@ -170,12 +172,14 @@ void linear(const float* x, const float* weight, const float* bias, float* y, in
   }
   const int64_t tiles = N / kNR;
   const bool parallel = omp_get_max_threads() > 1 && tiles > 1 && M * N * K >= kParallelMinWork;
-#pragma omp parallel if (parallel)
-  {
-    // Thread t takes tiles [tiles * t / nt, tiles * (t + 1) / nt); the last also the rest.
-    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-    const int64_t n0 = tiles * t / nt * kNR;
-    const int64_t n1 = t == nt - 1 ? N : tiles * (t + 1) / nt * kNR;
+  // Chunks of whole tiles, handed out dynamically: a thread that loses its core for a
+  // while (the HTTP thread, the client) no longer holds the others up at the join.
+  const int64_t threads = parallel ? omp_get_max_threads() : 1;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(tiles, threads * kChunksPerThread));
+#pragma omp parallel for schedule(dynamic, 1) if (parallel)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t n0 = tiles * c / chunks * kNR;
+    const int64_t n1 = c == chunks - 1 ? N : tiles * (c + 1) / chunks * kNR;
     rows_range(x, weight, bias, y, M, N, K, n0, n1);
   }
 }

@@ -9,7 +9,7 @@ class EngineConfig:
     served_model_name: str | None = None
     max_model_len: int | None = None  # None: the model's own context length
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
+    max_num_batched_tokens: int = 512  # small chunks keep time to first token short
     block_size: int = 16
     num_blocks: int | None = None  # None: derived from kv_cache_memory
     kv_cache_memory: int = 1 << 30  # bytes for K and V of all layers
