@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, Response
 from xllm.api.context import ServingContext
 from xllm.api.errors import error_event, invalid
 from xllm.api.logprobs import chat_logprobs
+from xllm.api.metrics import RequestTimer, request_timer
 from xllm.api.params import (
     MAX_LOGPROBS,
     build_sampling_params,
@@ -98,6 +99,7 @@ def chat_params(ctx: ServingContext, req: ChatCompletionRequest, prompt_len: int
 async def create_chat_completion(
     ctx: ServingContext, req: ChatCompletionRequest, request: Request
 ) -> Response:
+    timer = request_timer(request.scope, ctx.metrics)
     ctx.check_model(req.model)
     check_beam_fields(req)
     prompt_ids = chat_prompt_ids(ctx, req)
@@ -110,11 +112,11 @@ async def create_chat_completion(
     logger.info("%s: chat, %d prompt tokens, n=%d, max_tokens=%s, stream=%s", request_id,
                 len(prompt_ids), params.n, params.max_tokens, bool(req.stream))
     if req.stream:
-        body = _stream(ctx, request_id, created, prompt_ids, params, req.include_usage)
+        body = _stream(ctx, request_id, created, prompt_ids, params, req.include_usage, timer)
         return EventStream(body, on_close=ctx.release, headers=headers)
     try:
         result = await until_disconnect(
-            request, _collect(ctx, request_id, created, prompt_ids, params))
+            request, _collect(ctx, request_id, created, prompt_ids, params, timer))
     except ClientDisconnected:
         logger.info("%s: client disconnected, aborted", request_id)
         return Response(status_code=499)
@@ -128,14 +130,15 @@ async def create_chat_completion(
 
 
 async def _collect(ctx: ServingContext, request_id: str, created: int, prompt_ids: list[int],
-                   params: SamplingParams) -> dict:
+                   params: SamplingParams, timer: RequestTimer) -> dict:
     start = time.perf_counter()
     n = params.n
     texts: list[list[str]] = [[] for _ in range(n)]
     logprobs: list[list] = [[] for _ in range(n)]
     finish: list[str | None] = [None] * n
     completion_tokens = 0
-    async with aclosing(engine_outputs(ctx.engine, [prompt_ids], params, request_id)) as outs:
+    outputs = engine_outputs(ctx.engine, [prompt_ids], params, request_id, timer)
+    async with aclosing(outputs) as outs:
         async for _, out in outs:
             for c in out.outputs:
                 completion_tokens += len(c.token_ids)
@@ -144,6 +147,7 @@ async def _collect(ctx: ServingContext, request_id: str, created: int, prompt_id
                     logprobs[c.index].extend(c.logprobs)
                 if c.finish_reason is not None:
                     finish[c.index] = c.finish_reason
+    timer.finish(len(prompt_ids), completion_tokens)
     tokenizer = ctx.engine.tokenizer
     want_logprobs = params.logprobs is not None
     choices = [
@@ -169,7 +173,7 @@ async def _collect(ctx: ServingContext, request_id: str, created: int, prompt_id
 
 
 async def _stream(ctx: ServingContext, request_id: str, created: int, prompt_ids: list[int],
-                  params: SamplingParams, include_usage: bool):
+                  params: SamplingParams, include_usage: bool, timer: RequestTimer):
     start = time.perf_counter()
     writer = ChunkWriter(request_id, "chat.completion.chunk", created, ctx.model_name,
                          include_usage)
@@ -181,7 +185,8 @@ async def _stream(ctx: ServingContext, request_id: str, created: int, prompt_ids
         for i in range(params.n):
             yield writer.choice({"index": i, "delta": {"role": "assistant", "content": ""},
                                  "logprobs": None, "finish_reason": None})
-        async with aclosing(engine_outputs(ctx.engine, [prompt_ids], params, request_id)) as outs:
+        outputs = engine_outputs(ctx.engine, [prompt_ids], params, request_id, timer)
+        async with aclosing(outputs) as outs:
             async for _, out in outs:
                 for c in out.outputs:
                     completion_tokens += len(c.token_ids)
@@ -197,6 +202,7 @@ async def _stream(ctx: ServingContext, request_id: str, created: int, prompt_ids
                         if has_logprobs else None,
                         "finish_reason": c.finish_reason,
                     })
+        timer.finish(len(prompt_ids), completion_tokens)
         if include_usage:
             yield writer.usage(usage_dict(len(prompt_ids), completion_tokens))
         elapsed = time.perf_counter() - start
@@ -204,6 +210,7 @@ async def _stream(ctx: ServingContext, request_id: str, created: int, prompt_ids
         logger.info("%s: done, %d completion tokens in %.3fs (first token %.3fs)", request_id,
                     completion_tokens, elapsed, ttft)
     except Exception as exc:
+        timer.failed = True
         err = ctx.engine_error(exc, request_id)
         logger.info("%s: failed in stream (%s)", request_id, err.body()["error"]["code"])
         yield error_event(err)

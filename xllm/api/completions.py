@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from xllm.api.context import ServingContext
 from xllm.api.errors import error_event, invalid
 from xllm.api.logprobs import CompletionLogprobs
+from xllm.api.metrics import RequestTimer, request_timer
 from xllm.api.params import build_sampling_params, check_beam_fields, check_prompt_length
 from xllm.api.protocol import CompletionRequest
 from xllm.api.streaming import (
@@ -72,6 +73,7 @@ def echo_text(ctx: ServingContext, prompt: Prompt) -> str:
 
 async def create_completion(ctx: ServingContext, req: CompletionRequest,
                             request: Request) -> Response:
+    timer = request_timer(request.scope, ctx.metrics)
     ctx.check_model(req.model)
     check_beam_fields(req)
     prompts = encode_prompts(ctx, req.prompt)
@@ -92,7 +94,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest,
     logger.info("%s: completion, %d prompt(s) of %s tokens, n=%d, max_tokens=%s, stream=%s",
                 request_id, len(prompts), ",".join(str(len(p.token_ids)) for p in prompts),
                 params.n, params.max_tokens, bool(req.stream))
-    run = _Run(ctx, request_id, created, prompts, params, echo)
+    run = _Run(ctx, request_id, created, prompts, params, echo, timer)
     if req.stream:
         return EventStream(run.stream(req.include_usage), on_close=ctx.release, headers=headers)
     try:
@@ -113,8 +115,10 @@ class _Run:
     """One completions request: its engine streams and the per-choice bookkeeping."""
 
     def __init__(self, ctx: ServingContext, request_id: str, created: int,
-                 prompts: list[Prompt], params: SamplingParams, echo: bool) -> None:
+                 prompts: list[Prompt], params: SamplingParams, echo: bool,
+                 timer: RequestTimer) -> None:
         self.ctx = ctx
+        self.timer = timer
         self.request_id = request_id
         self.created = created
         self.prompts = prompts
@@ -132,7 +136,7 @@ class _Run:
 
     def _outputs(self):
         return engine_outputs(self.ctx.engine, [p.token_ids for p in self.prompts], self.params,
-                              self.request_id)
+                              self.request_id, self.timer)
 
     def _choice_news(self, prompt_index: int, out: RequestOutput):
         """(choice index, text, logprobs dict or None, finish_reason) for each choice with news;
@@ -171,6 +175,7 @@ class _Run:
                     texts[index].append(text)
                     if finish_reason is not None:
                         finish[index] = finish_reason
+        self.timer.finish(self.prompt_tokens, self.completion_tokens)
         choices = []
         for index in range(total):
             lp = self.logprobs.get(index)
@@ -213,6 +218,7 @@ class _Run:
                             "logprobs": lp.take() if lp is not None else None,
                             "finish_reason": finish_reason,
                         })
+            self.timer.finish(self.prompt_tokens, self.completion_tokens)
             if include_usage:
                 yield writer.usage(usage_dict(self.prompt_tokens, self.completion_tokens))
             elapsed = time.perf_counter() - start
@@ -220,6 +226,7 @@ class _Run:
             logger.info("%s: done, %d completion tokens in %.3fs (first token %.3fs)",
                         self.request_id, self.completion_tokens, elapsed, ttft)
         except Exception as exc:
+            self.timer.failed = True
             err = self.ctx.engine_error(exc, self.request_id)
             logger.info("%s: failed in stream (%s)", self.request_id, err.body()["error"]["code"])
             yield error_event(err)

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xllm.api.errors import APIError
+from xllm.api.metrics import Metrics
+from xllm.engine.async_engine import EngineSleepingError
 
 logger = logging.getLogger("xllm.api")
 
@@ -18,6 +20,7 @@ class ServingContext:
     max_concurrent_requests: int = 256
     created: int = field(default_factory=lambda: int(time.time()))
     in_flight: int = 0
+    metrics: Metrics = field(default_factory=Metrics)
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:
@@ -26,10 +29,16 @@ class ServingContext:
                 "model",
             )
 
+    @property
+    def sleeping(self) -> bool:
+        return bool(getattr(self.engine, "is_sleeping", False))
+
     def check_ready(self) -> None:
         if not self.engine.is_healthy():
             reason = getattr(self.engine, "dead_reason", None) or "engine is not running"
             raise APIError(503, f"The server cannot take requests now: {reason}")
+        if self.sleeping:
+            raise APIError(503, "The model is asleep; POST /wakeup to serve requests again.")
 
     def acquire(self) -> None:
         """Count one more request in flight, or 429 when the limit is reached."""
@@ -47,6 +56,8 @@ class ServingContext:
         """Map an exception raised while serving `request_id` to the error sent back."""
         if isinstance(exc, APIError):
             return exc
+        if isinstance(exc, EngineSleepingError):
+            return APIError(503, "The model is asleep; POST /wakeup to serve requests again.")
         if isinstance(exc, ValueError):
             return APIError(400, str(exc) or "invalid request")
         if isinstance(exc, RuntimeError) and (

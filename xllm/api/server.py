@@ -1,5 +1,6 @@
 """The FastAPI app: routes, body parsing into the protocol models, and error handlers."""
 
+import json
 import logging
 
 from fastapi import FastAPI, Request
@@ -11,7 +12,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from xllm.api.chat import create_chat_completion
 from xllm.api.completions import create_completion
 from xllm.api.context import ServingContext, log_internal_error
-from xllm.api.errors import APIError, error_response, from_validation_error
+from xllm.api.errors import APIError, error_response, from_validation_error, invalid
+from xllm.api.metrics import CONTENT_TYPE, MetricsMiddleware
 from xllm.api.protocol import ChatCompletionRequest, CompletionRequest
 from xllm.api.streaming import new_request_id
 
@@ -39,12 +41,30 @@ async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
         raise from_validation_error(exc) from None
 
 
+async def sleep_level(request: Request) -> int:
+    """The `level` of a POST /sleep body (optional; 1 when absent)."""
+    body = await request.body()
+    if not body.strip():
+        return 1
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise invalid("malformed JSON body") from None
+    if not isinstance(data, dict):
+        raise invalid("the body must be a JSON object")
+    level = data.get("level", 1)
+    if isinstance(level, bool) or level not in (1, 2):
+        raise invalid("level must be 1 or 2", "level")
+    return level
+
+
 def build_app(engine, served_model_name: str, max_concurrent_requests: int = 256) -> FastAPI:
     """The HTTP app serving `engine` (an AsyncEngine, started by the caller) as
     `served_model_name`."""
     app = FastAPI(title="xllm", docs_url=None, redoc_url=None, openapi_url=None)
     ctx = ServingContext(engine, served_model_name, max_concurrent_requests)
     app.state.ctx = ctx
+    app.add_middleware(MetricsMiddleware, metrics=ctx.metrics)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -94,8 +114,40 @@ def build_app(engine, served_model_name: str, max_concurrent_requests: int = 256
     @app.get("/health")
     async def health() -> JSONResponse:
         if engine.is_healthy():
-            return JSONResponse({"status": "healthy"})
+            # awake: exactly API.md's body; asleep: still healthy, and says so
+            return JSONResponse({"status": "healthy", "sleeping": True} if ctx.sleeping
+                                else {"status": "healthy"})
         reason = getattr(engine, "dead_reason", None) or "engine is not running"
         return JSONResponse({"status": "unhealthy", "reason": reason}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        text = ctx.metrics.render(engine.stats(), sleeping=ctx.sleeping)
+        return Response(text, media_type=None, headers={"Content-Type": CONTENT_TYPE})
+
+    def check_idle(action: str) -> None:
+        if not engine.is_healthy():
+            raise APIError(503, "The engine is not running.")
+        if ctx.in_flight:
+            raise invalid(f"cannot {action} while {ctx.in_flight} request(s) are in flight; "
+                          "retry when they are done")
+
+    @app.post("/sleep")
+    async def sleep(request: Request) -> JSONResponse:
+        level = await sleep_level(request)
+        check_idle("sleep")
+        try:
+            await engine.sleep(level)
+        except ValueError as exc:  # a request slipped in: the engine refused
+            raise invalid(str(exc)) from None
+        logger.info("model asleep (level %d)", level)
+        return JSONResponse({"status": "sleeping", "level": level})
+
+    @app.post("/wakeup")
+    async def wakeup() -> JSONResponse:
+        check_idle("wake up")
+        await guarded(engine.wake_up())
+        logger.info("model awake")
+        return JSONResponse({"status": "awake"})
 
     return app

@@ -10,6 +10,7 @@ from fastapi import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from xllm.api.metrics import RequestTimer
 from xllm.engine.outputs import RequestOutput
 from xllm.engine.sampling_params import SamplingParams
 
@@ -60,9 +61,11 @@ async def _close(gen) -> None:
 
 
 async def engine_outputs(
-    engine, prompts: Sequence[list[int]], params: SamplingParams, request_id: str
+    engine, prompts: Sequence[list[int]], params: SamplingParams, request_id: str,
+    timer: RequestTimer | None = None,
 ) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """(prompt index, output) pairs of one engine request per prompt, as they come.
+    """(prompt index, output) pairs of one engine request per prompt, as they come;
+    `timer` (if given) sees each output's arrival.
 
     Closing this iterator (or cancelling its consumer) closes the engine streams,
     which aborts their requests.
@@ -71,6 +74,8 @@ async def engine_outputs(
         gen = engine.generate(prompts[0], params, request_id)
         try:
             async for out in gen:
+                if timer is not None:
+                    timer.output(0)
                 yield 0, out
         finally:
             await _close(gen)
@@ -98,6 +103,8 @@ async def engine_outputs(
             if out is None:
                 remaining -= 1
                 continue
+            if timer is not None:
+                timer.output(i)
             yield i, out
     finally:
         for task in tasks:

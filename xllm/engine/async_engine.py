@@ -21,6 +21,10 @@ from xllm.engine.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 
+class EngineSleepingError(RuntimeError):
+    """A request reached an engine that is asleep."""
+
+
 class AsyncEngine:
     def __init__(self, config: EngineConfig):
         self.engine = LLMEngine(config)
@@ -35,6 +39,8 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._sleeping = False
+        self._sleep_lock = asyncio.Lock()
         self._stats = self.engine.stats()
 
     def start(self) -> None:
@@ -53,9 +59,43 @@ class AsyncEngine:
     def is_healthy(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
+    @property
+    def is_sleeping(self) -> bool:
+        """True from the moment sleep() is called until wake_up() has finished."""
+        return self._sleeping
+
     def stats(self) -> dict[str, int]:
-        """Counts as of the engine's last step (running, waiting, free and total blocks)."""
+        """Counts as of the engine's last step (running, waiting, free and total blocks,
+        prefix-cache queries and hits, sleep level)."""
         return dict(self._stats)
+
+    async def sleep(self, level: int = 1) -> None:
+        """Free the KV cache (and with level 2 the weights) on the engine thread, between
+        steps. New requests are refused from the moment this is called. ValueError if a
+        request is in flight."""
+        async with self._sleep_lock:
+            was_sleeping = self._sleeping
+            self._sleeping = True
+            try:
+                await self._call(self.engine.sleep, level)
+            except BaseException:
+                self._sleeping = was_sleeping and self.engine.sleep_level > 0
+                raise
+
+    async def wake_up(self) -> None:
+        """Reload what sleep() freed; requests are taken again once it is done."""
+        async with self._sleep_lock:
+            await self._call(self.engine.wake_up)
+            self._sleeping = False
+
+    async def _call(self, fn, *args):
+        """Run fn(*args) on the engine thread, in turn with steps and requests."""
+        if not self.is_healthy():
+            raise RuntimeError("engine is not running")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._send(("call", fn, args, loop, future))
+        return await future
 
     async def generate(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
@@ -63,6 +103,8 @@ class AsyncEngine:
         """Stream the request's outputs; stopping early aborts it."""
         if not self.is_healthy():
             raise RuntimeError("engine is not running")
+        if self._sleeping:
+            raise EngineSleepingError("the model is asleep")
         self.engine.check_request(prompt_token_ids, params)
         if request_id in self._streams:
             raise ValueError(f"request id {request_id} is already in use")
@@ -114,14 +156,19 @@ class AsyncEngine:
             logger.debug("step: %d outputs in %.1f ms", len(outputs),
                          1e3 * (time.perf_counter() - started))
         self._fail_all(RuntimeError("engine is not running"))
+        self._drain_inbox(stopped=True)
 
-    def _drain_inbox(self) -> None:
+    def _drain_inbox(self, stopped: bool = False) -> None:
         while True:
             try:
                 message = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if message[0] == "add":
+            if message[0] == "call":
+                self._run_call(*message[1:], stopped=stopped)
+            elif stopped:
+                continue
+            elif message[0] == "add":
                 _, request_id, prompt_ids, params = message
                 try:
                     self.engine.add_request(request_id, prompt_ids, params)
@@ -129,6 +176,30 @@ class AsyncEngine:
                     self._deliver_error(request_id, error)
             else:
                 self.engine.abort_request(message[1])
+
+    def _run_call(self, fn, args: tuple, loop: asyncio.AbstractEventLoop,
+                  future: asyncio.Future, stopped: bool = False) -> None:
+        error: BaseException | None = RuntimeError("engine is not running") if stopped else None
+        result = None
+        if error is None:
+            try:
+                result = fn(*args)
+            except Exception as exc:  # handed to the caller
+                error = exc
+            self._stats = self.engine.stats()
+
+        def settle() -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+        try:
+            loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # the caller's loop is closed: nobody is waiting
+            pass
 
     def _fail_all(self, error: Exception) -> None:
         for request_id in list(self.engine.requests):

@@ -103,3 +103,11 @@ class BlockManager:
                 self.free_queue.append(block)
         seq.block_table = []
         self.hashed.pop(id(seq), None)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block hash (the KV contents are gone); only with no holders."""
+        if any(self.ref_counts):
+            raise RuntimeError("cannot reset the prefix cache while blocks are held")
+        self.block_hash = [None] * self.num_blocks
+        self.hash_to_block.clear()
+        self.hashed.clear()

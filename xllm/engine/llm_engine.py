@@ -62,6 +62,7 @@ class LLMEngine:
         self.sampler = Sampler(config.seed)
         self.requests: dict[str, Request] = {}
         self.default_params = self._generation_defaults()
+        self.sleep_level = 0  # 0 awake; 1 KV cache freed; 2 weights freed too
 
     @property
     def num_preemptions(self) -> int:
@@ -229,11 +230,35 @@ class LLMEngine:
             request.request_id, request.prompt_ids, outputs, finished, prompt_logprobs
         )
 
+    def sleep(self, level: int = 1) -> None:
+        """Free the KV cache (level 1) and the weights (level 2); only with no request in
+        flight. The prefix cache is forgotten with the KV contents."""
+        if level not in (1, 2):
+            raise ValueError("level must be 1 or 2")
+        if self.requests:
+            raise ValueError(f"cannot sleep with {len(self.requests)} request(s) in flight")
+        if level <= self.sleep_level:
+            return
+        self.runner.sleep(level)
+        self.block_manager.reset_prefix_cache()
+        self.sleep_level = level
+
+    def wake_up(self) -> None:
+        """Undo sleep(): reload what was freed. Harmless when awake."""
+        if self.sleep_level == 0:
+            return
+        self.runner.wake_up()
+        self.sleep_level = 0
+
     def stats(self) -> dict[str, int]:
         return {
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
             "num_free_blocks": self.block_manager.num_free_blocks,
             "num_total_blocks": self.block_manager.num_blocks,
+            "prefix_cache_queries": self.block_manager.queries,
+            "prefix_cache_hits": self.block_manager.hits,
+            "num_preemptions": self.num_preemptions,
+            "sleep_level": self.sleep_level,
         }
 

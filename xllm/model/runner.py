@@ -6,6 +6,7 @@ end into flat tensors, sets the attention context, runs the model once for
 prefill chunks and decodes together, and returns the logits asked for.
 """
 
+import gc
 import logging
 import os
 from dataclasses import dataclass
@@ -54,12 +55,43 @@ class ModelRunner:
         self.dtype = DTYPES[config.dtype]
         self.block_size = config.block_size
         self.max_model_len = max_model_len
-        model = ARCHITECTURES[hf_config.model_type](hf_config, max_model_len)
-        model.load_weights(iterate_weights(folder))
-        self.model = model.to(self.dtype).eval()
+        self.folder = folder
+        self.hf_config = hf_config
+        self.model = self._load_model()
         self.vocab_size = hf_config.vocab_size
         self.num_blocks = config.num_blocks or self._blocks_for(config.kv_cache_memory)
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
         self._allocate_kv_cache()
+
+    def _load_model(self) -> LlamaForCausalLM:
+        model = ARCHITECTURES[self.hf_config.model_type](self.hf_config, self.max_model_len)
+        model.load_weights(iterate_weights(self.folder))
+        return model.to(self.dtype).eval()
+
+    @property
+    def sleeping(self) -> bool:
+        return self.k_cache is None
+
+    def sleep(self, level: int = 1) -> None:
+        """Free the KV cache; level 2 frees the weights too. Harmless when already asleep."""
+        if self.k_cache is not None:
+            for layer in self.model.layers:
+                layer.self_attn.k_cache = torch.empty(0)
+                layer.self_attn.v_cache = torch.empty(0)
+            self.k_cache = self.v_cache = None
+        if level >= 2 and self.model is not None:
+            self.model = None
+        gc.collect()
+        logger.info("asleep (level %d)", level)
+
+    def wake_up(self) -> None:
+        """Reload the weights if they were freed and re-create the KV cache (zeroed)."""
+        if self.model is None:
+            self.model = self._load_model()
+        if self.k_cache is None:
+            self._allocate_kv_cache()
+        logger.info("awake")
 
     def _kv_shape(self) -> tuple[int, ...]:
         attn = self.model.layers[0].self_attn
