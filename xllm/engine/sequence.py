@@ -32,7 +32,6 @@ class Sequence:
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
-    logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
