@@ -148,7 +148,8 @@ class LLMEngine:
             self._add_prompt_logprobs(seq, logits[first_row : first_row + n_rows])
         tokens, logprobs = [], []
         if sample_seqs:
-            tokens, logprobs = self.sampler(logits[sample_rows], sample_seqs)
+            rows = logits if len(sample_rows) == len(logits) else logits[sample_rows]
+            tokens, logprobs = self.sampler(rows, sample_seqs)
         for item in scheduled:
             item.seq.num_computed += item.num_new_tokens
             self.block_manager.commit(item.seq)

@@ -26,11 +26,8 @@ class Sampler:
         """Pick one token per row of `logits` [len(seqs), vocab]; logprobs where asked."""
         raw = logits
         logits = self._adjust(logits, seqs)
-        tokens = torch.empty(len(seqs), dtype=torch.long)
-        greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
         sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
-        if greedy:
-            tokens[greedy] = logits[greedy].argmax(dim=-1)
+        tokens = logits.argmax(dim=-1)  # greedy rows; sampled rows are overwritten
         if sampled:
             tokens[sampled] = self._sample(logits[sampled], [seqs[i] for i in sampled])
         return tokens.tolist(), self._logprobs(raw, tokens, seqs)
