@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -121,25 +122,25 @@ INPROC_MAX_MODEL_LEN = 2048
 INPROC_NUM_BLOCKS = 256
 
 
-@pytest.fixture(scope="session")
-def inproc_server() -> Iterator[InProcessServer]:
-    """Engine + app built in this process (uvicorn in a thread), limited to one request at once."""
+@contextlib.contextmanager
+def running_inproc_server(max_concurrent_requests: int) -> Iterator[InProcessServer]:
+    """Engine + app built in this process (uvicorn in a thread) on the default model."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     import uvicorn
 
     from xllm.api.server import build_app
-    from xllm.config import EngineConfig
+    from xllm.config import EngineConfig, ServerConfig
     from xllm.engine.async_engine import AsyncEngine
 
     config = EngineConfig(
         model="default",
-        served_model_name=SERVED_MODEL_NAME,
         max_model_len=INPROC_MAX_MODEL_LEN,
         num_blocks=INPROC_NUM_BLOCKS,
     )
     engine = AsyncEngine(config)
     engine.start()
-    app = build_app(engine, SERVED_MODEL_NAME, max_concurrent_requests=1)
+    app = build_app(engine, ServerConfig(SERVED_MODEL_NAME,
+                                         max_concurrent_requests=max_concurrent_requests))
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
@@ -149,8 +150,15 @@ def inproc_server() -> Iterator[InProcessServer]:
     base_url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(base_url, 120.0, alive=thread.is_alive)
-        yield InProcessServer(base_url=base_url, engine=engine, max_concurrent_requests=1)
+        yield InProcessServer(base_url, engine, max_concurrent_requests)
     finally:
         server.should_exit = True
         thread.join(timeout=30)
         engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def inproc_server() -> Iterator[InProcessServer]:
+    """The in-process server, limited to one request at once."""
+    with running_inproc_server(max_concurrent_requests=1) as server:
+        yield server

@@ -9,13 +9,16 @@ from pydantic import ValidationError
 
 from xllm.api.chat import message_text
 from xllm.api.completions import split_prompts
-from xllm.api.errors import APIError, from_validation_error, from_value_error
+from xllm.api.errors import APIError, from_engine_error, from_validation_error
 from xllm.api.logprobs import CompletionLogprobs, chat_logprobs, finite
-from xllm.api.params import build_sampling_params, check_beam_fields, check_prompt_length
+from xllm.api.params import build_sampling_params, check_beam_fields
 from xllm.api.protocol import ChatCompletionRequest, CompletionRequest
 from xllm.api.streaming import ChunkWriter
 from xllm.cli import build_parser, parse_size, served_model_name
+from xllm.engine.errors import InvalidParameter
 from xllm.engine.outputs import TokenLogprob
+from xllm.engine.processor import InputProcessor
+from xllm.inputs import PromptInput
 
 VOCAB = 1000
 
@@ -27,7 +30,16 @@ def chat(**fields) -> ChatCompletionRequest:
 
 def params_for(req, defaults=None, max_tokens=16, logprobs=None):
     return build_sampling_params(req, max_tokens=max_tokens, logprobs=logprobs,
-                                 prompt_logprobs=None, defaults=defaults or {}, vocab_size=VOCAB)
+                                 defaults=defaults or {})
+
+
+def check(prompt_len: int, params, max_model_len: int = 128) -> None:
+    """The engine's request check (no tokenizer needed), as the API answers it."""
+    processor = InputProcessor(None, max_model_len, VOCAB)
+    try:
+        processor.check(PromptInput.of([1] * prompt_len), params)
+    except InvalidParameter as exc:
+        raise from_engine_error(exc) from None
 
 
 # --- request models -----------------------------------------------------------------------
@@ -93,9 +105,12 @@ def test_status_names(status, code):
     assert APIError(status, "x").body()["error"]["code"] == code
 
 
-def test_value_error_param_is_the_field():
-    err = from_value_error(ValueError("top_p must be in (0, 1]"))
-    assert err.status == 400 and err.param == "top_p"
+def test_invalid_parameter_names_its_field_and_can_be_renamed():
+    err = from_engine_error(InvalidParameter.must("top_p", "must be in (0, 1]"))
+    assert (err.status, err.param, err.message) == (400, "top_p", "top_p must be in (0, 1]")
+    err = from_engine_error(InvalidParameter.must("logprobs", "must be in [0, 20]"),
+                            {"logprobs": "top_logprobs"})
+    assert (err.param, err.message) == ("top_logprobs", "top_logprobs must be in [0, 20]")
 
 
 # --- sampling params ----------------------------------------------------------------------
@@ -135,7 +150,7 @@ def test_fields_reach_sampling_params():
 ])
 def test_out_of_range_is_400(fields, param):
     with pytest.raises(APIError) as info:
-        params_for(chat(**fields))
+        check(4, params_for(chat(**fields)))
     assert info.value.status == 400 and info.value.param == param
 
 
@@ -147,14 +162,16 @@ def test_beam_width_above_one_is_not_supported_yet():
 
 
 def test_prompt_length_checks_name_the_numbers():
-    check_prompt_length(100, 28, 128)
-    check_prompt_length(127, None, 128)
+    check(100, params_for(chat(), max_tokens=28))
+    check(127, params_for(chat(), max_tokens=None))
     with pytest.raises(APIError) as info:
-        check_prompt_length(100, 29, 128)
+        check(100, params_for(chat(), max_tokens=29))
     assert all(str(x) in info.value.message for x in (100, 29, 128))
+    assert info.value.param == "max_tokens"
     with pytest.raises(APIError) as info:
-        check_prompt_length(128, None, 128)
+        check(128, params_for(chat(), max_tokens=None))
     assert "128" in info.value.message and info.value.status == 400
+    assert info.value.param == "prompt"
 
 
 # --- chat content -------------------------------------------------------------------------

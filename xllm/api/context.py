@@ -4,23 +4,27 @@ import logging
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any
 
-from xllm.api.errors import APIError
+from xllm.api.errors import ASLEEP, APIError, from_engine_error
 from xllm.api.metrics import Metrics
-from xllm.engine.async_engine import EngineSleepingError
+from xllm.config import ServerConfig
+from xllm.engine.errors import EngineError, RequestFailedError
+from xllm.engine.protocol import EngineClient
 
 logger = logging.getLogger("xllm.api")
 
 
 @dataclass
 class ServingContext:
-    engine: Any  # xllm.engine.async_engine.AsyncEngine (or anything with its interface)
-    model_name: str
-    max_concurrent_requests: int = 256
+    engine: EngineClient
+    config: ServerConfig
     created: int = field(default_factory=lambda: int(time.time()))
     in_flight: int = 0
     metrics: Metrics = field(default_factory=Metrics)
+
+    @property
+    def model_name(self) -> str:
+        return self.config.served_model_name
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:
@@ -29,47 +33,41 @@ class ServingContext:
                 "model",
             )
 
-    @property
-    def sleeping(self) -> bool:
-        return bool(getattr(self.engine, "is_sleeping", False))
-
     def check_ready(self) -> None:
         if not self.engine.is_healthy():
-            reason = getattr(self.engine, "dead_reason", None) or "engine is not running"
+            reason = self.engine.dead_reason or "engine is not running"
             raise APIError(503, f"The server cannot take requests now: {reason}")
-        if self.sleeping:
-            raise APIError(503, "The model is asleep; POST /wakeup to serve requests again.")
+        if self.engine.is_sleeping:
+            raise APIError(503, ASLEEP)
 
     def acquire(self) -> None:
         """Count one more request in flight, or 429 when the limit is reached."""
-        if self.in_flight >= self.max_concurrent_requests:
-            raise APIError(
-                429, f"Too many requests in flight (limit {self.max_concurrent_requests}); "
-                "retry later.",
-            )
+        limit = self.config.max_concurrent_requests
+        if self.in_flight >= limit:
+            raise APIError(429, f"Too many requests in flight (limit {limit}); retry later.")
         self.in_flight += 1
 
     def release(self) -> None:
         self.in_flight = max(0, self.in_flight - 1)
 
-    def engine_error(self, exc: BaseException, request_id: str) -> APIError:
-        """Map an exception raised while serving `request_id` to the error sent back."""
-        if isinstance(exc, APIError):
-            return exc
-        if isinstance(exc, EngineSleepingError):
-            return APIError(503, "The model is asleep; POST /wakeup to serve requests again.")
-        if isinstance(exc, ValueError):
-            return APIError(400, str(exc) or "invalid request")
-        if isinstance(exc, RuntimeError) and (
-            "not running" in str(exc) or not self.engine.is_healthy()
-        ):
-            return APIError(503, "The engine is not running.")
-        log_internal_error(exc, request_id)
-        return APIError(500, f"Internal server error (request {request_id}).")
+
+def api_error(exc: BaseException, request_id: str, names: dict[str, str] | None = None
+              ) -> APIError:
+    """The error sent back for an exception raised while serving `request_id`: typed engine
+    errors by their type (`names` renames engine fields to the request's own); any other
+    fault is logged and becomes a 500."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, EngineError) and not isinstance(exc, RequestFailedError):
+        return from_engine_error(exc, names)
+    log_internal_error(exc, request_id)
+    return APIError(500, f"Internal server error (request {request_id}).")
 
 
 def log_internal_error(exc: BaseException, request_id: str) -> None:
     """Log where a fault happened, with the request id only: frames, not the message,
     which might quote user content."""
+    while isinstance(exc, RequestFailedError) and exc.__cause__ is not None:
+        exc = exc.__cause__
     frames = "".join(traceback.format_tb(exc.__traceback__))
     logger.error("request %s: internal error %s\n%s", request_id, type(exc).__name__, frames)

@@ -6,6 +6,16 @@ from http import HTTPStatus
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
+from xllm.engine.errors import (
+    EngineBusyError,
+    EngineDeadError,
+    EngineError,
+    EngineSleepingError,
+    InvalidParameter,
+)
+
+ASLEEP = "The model is asleep; POST /wakeup to serve requests again."
+
 # HTTP status -> (status name used as `code`, OpenAI error `type`)
 _KINDS: dict[int, tuple[str, str]] = {
     400: ("INVALID_ARGUMENT", "invalid_request_error"),
@@ -58,9 +68,16 @@ def from_validation_error(exc: ValidationError | list[dict]) -> APIError:
     return invalid(f"{'.'.join(loc)}: {msg}", param=loc[0])
 
 
-def from_value_error(exc: ValueError) -> APIError:
-    """A 400 for SamplingParams.validate() and similar; the param is the message's first word."""
-    message = str(exc) or "invalid argument"
-    first = message.split(" ", 1)[0]
-    param = first if first.replace("_", "").isalpha() and first.islower() else None
-    return invalid(message, param)
+def from_engine_error(exc: EngineError, names: dict[str, str] | None = None) -> APIError:
+    """The answer to a typed engine error; `names` renames engine fields to the request's
+    own (e.g. chat's `top_logprobs` for the engine's `logprobs`)."""
+    if isinstance(exc, InvalidParameter):
+        exc = exc.renamed(names or {})
+        return invalid(exc.message, exc.param)
+    if isinstance(exc, EngineSleepingError):
+        return APIError(503, ASLEEP)
+    if isinstance(exc, EngineDeadError):
+        return APIError(503, "The engine is not running.")
+    if isinstance(exc, EngineBusyError):
+        return invalid(str(exc))
+    return APIError(500, "Internal server error.")

@@ -9,27 +9,27 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from xllm.api.chat import create_chat_completion
-from xllm.api.completions import create_completion
-from xllm.api.context import ServingContext, log_internal_error
+from xllm.api.chat import prepare_chat
+from xllm.api.completions import prepare_completion
+from xllm.api.context import ServingContext, api_error, log_internal_error
 from xllm.api.errors import APIError, error_response, from_validation_error, invalid
+from xllm.api.generate import serve_generation
 from xllm.api.metrics import CONTENT_TYPE, MetricsMiddleware
 from xllm.api.protocol import ChatCompletionRequest, CompletionRequest
 from xllm.api.streaming import new_request_id
+from xllm.config import ServerConfig
+from xllm.engine.protocol import EngineClient
 
 logger = logging.getLogger("xllm.api")
 
 
 async def guarded(work):
-    """Await a handler; a fault that is not an APIError becomes a logged 500."""
+    """Await a handler; a typed engine error becomes its answer, any other fault that is
+    not an APIError a logged 500."""
     try:
         return await work
-    except APIError:
-        raise
     except Exception as exc:
-        request_id = new_request_id("req")
-        log_internal_error(exc, request_id)
-        raise APIError(500, f"Internal server error (request {request_id}).") from None
+        raise api_error(exc, new_request_id("req")) from None
 
 
 async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
@@ -58,11 +58,11 @@ async def sleep_level(request: Request) -> int:
     return level
 
 
-def build_app(engine, served_model_name: str, max_concurrent_requests: int = 256) -> FastAPI:
+def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     """The HTTP app serving `engine` (an AsyncEngine, started by the caller) as
-    `served_model_name`."""
+    `config.served_model_name`."""
     app = FastAPI(title="xllm", docs_url=None, redoc_url=None, openapi_url=None)
-    ctx = ServingContext(engine, served_model_name, max_concurrent_requests)
+    ctx = ServingContext(engine, config)
     app.state.ctx = ctx
     app.add_middleware(MetricsMiddleware, metrics=ctx.metrics)
 
@@ -91,12 +91,12 @@ def build_app(engine, served_model_name: str, max_concurrent_requests: int = 256
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         req = await parse_body(request, ChatCompletionRequest)
-        return await guarded(create_chat_completion(ctx, req, request))
+        return await guarded(serve_generation(ctx, request, req, prepare_chat))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         req = await parse_body(request, CompletionRequest)
-        return await guarded(create_completion(ctx, req, request))
+        return await guarded(serve_generation(ctx, request, req, prepare_completion))
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -115,14 +115,14 @@ def build_app(engine, served_model_name: str, max_concurrent_requests: int = 256
     async def health() -> JSONResponse:
         if engine.is_healthy():
             # awake: exactly API.md's body; asleep: still healthy, and says so
-            return JSONResponse({"status": "healthy", "sleeping": True} if ctx.sleeping
+            return JSONResponse({"status": "healthy", "sleeping": True} if engine.is_sleeping
                                 else {"status": "healthy"})
-        reason = getattr(engine, "dead_reason", None) or "engine is not running"
+        reason = engine.dead_reason or "engine is not running"
         return JSONResponse({"status": "unhealthy", "reason": reason}, status_code=503)
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        text = ctx.metrics.render(engine.stats(), sleeping=ctx.sleeping)
+        text = ctx.metrics.render(engine.stats(), sleeping=engine.is_sleeping)
         return Response(text, media_type=None, headers={"Content-Type": CONTENT_TYPE})
 
     def check_idle(action: str) -> None:
@@ -136,10 +136,7 @@ def build_app(engine, served_model_name: str, max_concurrent_requests: int = 256
     async def sleep(request: Request) -> JSONResponse:
         level = await sleep_level(request)
         check_idle("sleep")
-        try:
-            await engine.sleep(level)
-        except ValueError as exc:  # a request slipped in: the engine refused
-            raise invalid(str(exc)) from None
+        await guarded(engine.sleep(level))  # a request slipped in: EngineBusyError, a 400
         logger.info("model asleep (level %d)", level)
         return JSONResponse({"status": "sleeping", "level": level})
 

@@ -1,4 +1,4 @@
-"""Plumbing shared by chat and completions: engine streams, SSE chunks, disconnects."""
+"""Plumbing of the generating endpoints: merged engine streams, SSE chunks, disconnects."""
 
 import asyncio
 import json
@@ -12,7 +12,7 @@ from starlette.types import Receive, Scope, Send
 
 from xllm.api.metrics import RequestTimer
 from xllm.engine.outputs import RequestOutput
-from xllm.engine.sampling_params import SamplingParams
+from xllm.engine.protocol import OutputStream
 
 DONE = "data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -60,40 +60,30 @@ async def _close(gen) -> None:
         await gen.aclose()
 
 
-async def engine_outputs(
-    engine, prompts: Sequence[list[int]], params: SamplingParams, request_id: str,
-    timer: RequestTimer | None = None,
+async def merged_outputs(
+    streams: Sequence[OutputStream], timer: RequestTimer | None = None
 ) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """(prompt index, output) pairs of one engine request per prompt, as they come;
-    `timer` (if given) sees each output's arrival.
-
-    Closing this iterator (or cancelling its consumer) closes the engine streams,
-    which aborts their requests.
-    """
-    if len(prompts) == 1:
-        gen = engine.generate(prompts[0], params, request_id)
-        try:
-            async for out in gen:
-                if timer is not None:
-                    timer.output(0)
-                yield 0, out
-        finally:
-            await _close(gen)
+    """(stream index, output) pairs of the engine streams, as they come; `timer` (if
+    given) sees each output's arrival. An engine error of any stream is raised here."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            if timer is not None:
+                timer.output(0)
+            yield 0, out
         return
 
     queue: asyncio.Queue = asyncio.Queue()
-    gens = [engine.generate(p, params, f"{request_id}-{i}") for i, p in enumerate(prompts)]
 
-    async def pump(i: int, gen) -> None:
+    async def pump(i: int, stream: OutputStream) -> None:
         try:
-            async for out in gen:
+            async for out in stream:
                 queue.put_nowait((i, out, None))
         except Exception as exc:  # handed to the consumer
             queue.put_nowait((i, None, exc))
             return
         queue.put_nowait((i, None, None))
 
-    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
     try:
         remaining = len(tasks)
         while remaining:
@@ -111,8 +101,6 @@ async def engine_outputs(
             task.cancel()
         with anyio.CancelScope(shield=True):
             await asyncio.gather(*tasks, return_exceptions=True)
-            for gen in gens:
-                await gen.aclose()
 
 
 class ClientDisconnected(Exception):

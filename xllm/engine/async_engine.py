@@ -1,9 +1,11 @@
 """The async front: the engine runs in its own thread; each request gets an async stream.
 
-Requests and aborts reach the engine thread through a queue; each step's
-outputs come back to the event loop in one call. A consumer that stops
-iterating (client gone, cancelled) aborts its request, which frees its blocks
-on the engine's next turn.
+Text becomes checked prompts here (the processor, on the caller's side); requests,
+aborts, sleep and wake-up reach the engine thread as typed messages through one
+queue, and each step's outputs come back to the event loop in one call. A stream
+closed before its request finished (client gone, cancelled) aborts the request,
+which frees its blocks on the engine's next turn. If the engine thread ends, for
+whatever reason, every open stream gets an EngineDeadError.
 """
 
 import asyncio
@@ -11,37 +13,123 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from xllm.config import EngineConfig
+from xllm.engine.errors import (
+    EngineDeadError,
+    EngineError,
+    EngineSleepingError,
+    InvalidParameter,
+    RequestFailedError,
+)
 from xllm.engine.llm_engine import LLMEngine
 from xllm.engine.outputs import RequestOutput
 from xllm.engine.sampling_params import SamplingParams
+from xllm.engine.tokenizer import Tokenizer
+from xllm.inputs import PromptInput
 
 logger = logging.getLogger(__name__)
 
 
-class EngineSleepingError(RuntimeError):
-    """A request reached an engine that is asleep."""
+@dataclass
+class AddRequest:
+    request_id: str
+    prompt: PromptInput
+    params: SamplingParams
+
+
+@dataclass
+class AbortRequest:
+    request_id: str
+
+
+@dataclass
+class Call:
+    """Run `fn()` on the engine thread, in turn with steps, and settle `future` with it."""
+
+    fn: Callable[[], Any]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+
+    def settle(self, result: Any = None, error: BaseException | None = None) -> None:
+        def done() -> None:
+            if self.future.done():
+                return
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(result)
+
+        try:
+            self.loop.call_soon_threadsafe(done)
+        except RuntimeError:  # the caller's loop is closed: nobody is waiting
+            pass
+
+
+Message = AddRequest | AbortRequest | Call
+
+
+class RequestStream:
+    """The outputs of one request, as an async iterator; `close()` before the end aborts it."""
+
+    def __init__(self, engine: "AsyncEngine", request_id: str) -> None:
+        self.request_id = request_id
+        self.finished = False
+        self._engine = engine
+        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self._queue.put_nowait(item)
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self.finished = True
+            self._engine.forget(self.request_id)
+            raise item
+        if item.finished:
+            self.finished = True
+            self._engine.forget(self.request_id)
+        return item
+
+    def close(self) -> None:
+        """Stop listening; abort the request if it is still running."""
+        if not self.finished:
+            self.finished = True
+            self._engine.abort(self.request_id)
+
+    async def aclose(self) -> None:
+        self.close()
 
 
 class AsyncEngine:
     def __init__(self, config: EngineConfig):
         self.engine = LLMEngine(config)
-        self.tokenizer = self.engine.tokenizer
+        self.processor = self.engine.processor
         self.max_model_len = self.engine.max_model_len
-        self.model_path = str(self.engine.model_path)
         self.default_params = self.engine.default_params
-        self.dead_reason: str | None = None
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._dead_reason: str | None = None
+        self._inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._streams: dict[str, asyncio.Queue] = {}
+        self._streams: dict[str, RequestStream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._sleeping = False
         self._sleep_lock = asyncio.Lock()
         self._stats = self.engine.stats()
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.processor.tokenizer
 
     def start(self) -> None:
         if self._thread is None:
@@ -53,11 +141,18 @@ class AsyncEngine:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        if self.dead_reason is None:
-            self.dead_reason = "the engine is shut down"
+        if self._dead_reason is None:
+            self._dead_reason = "the engine is shut down"
 
     def is_healthy(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    @property
+    def dead_reason(self) -> str | None:
+        """Why the engine is not running, once it is not."""
+        if self._dead_reason is None and not self.is_healthy():
+            return "the engine is not running"
+        return self._dead_reason
 
     @property
     def is_sleeping(self) -> bool:
@@ -69,15 +164,47 @@ class AsyncEngine:
         prefix-cache queries and hits, sleep level)."""
         return dict(self._stats)
 
+    async def chat_prompt(self, messages: list[dict], add_generation_prompt: bool) -> PromptInput:
+        """The prompt of a conversation under the model's chat template."""
+        return self.processor.chat(messages, add_generation_prompt)
+
+    async def text_prompt(self, text: str) -> PromptInput:
+        return self.processor.text(text)
+
+    def add_request(
+        self, request_id: str, prompt: PromptInput, params: SamplingParams
+    ) -> RequestStream:
+        """Check and queue a request; its outputs come through the returned stream.
+
+        Raises InvalidParameter, EngineSleepingError or EngineDeadError, queueing nothing.
+        """
+        self._check_running()
+        if self._sleeping:
+            raise EngineSleepingError("the model is asleep")
+        self.processor.check(prompt, params)
+        if request_id in self._streams:
+            raise InvalidParameter("request_id", f"request id {request_id} is already in use")
+        self._loop = asyncio.get_running_loop()
+        stream = self._streams[request_id] = RequestStream(self, request_id)
+        self._send(AddRequest(request_id, prompt, params))
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        self.forget(request_id)
+        self._send(AbortRequest(request_id))
+
+    def forget(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+
     async def sleep(self, level: int = 1) -> None:
         """Free the KV cache (and with level 2 the weights) on the engine thread, between
-        steps. New requests are refused from the moment this is called. ValueError if a
-        request is in flight."""
+        steps. New requests are refused from the moment this is called. EngineBusyError
+        if a request is in flight."""
         async with self._sleep_lock:
             was_sleeping = self._sleeping
             self._sleeping = True
             try:
-                await self._call(self.engine.sleep, level)
+                await self._call(lambda: self.engine.sleep(level))
             except BaseException:
                 self._sleeping = was_sleeping and self.engine.sleep_level > 0
                 raise
@@ -88,53 +215,36 @@ class AsyncEngine:
             await self._call(self.engine.wake_up)
             self._sleeping = False
 
-    async def _call(self, fn, *args):
-        """Run fn(*args) on the engine thread, in turn with steps and requests."""
-        if not self.is_healthy():
-            raise RuntimeError("engine is not running")
+    async def _call(self, fn: Callable[[], Any]) -> Any:
+        self._check_running()
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._send(("call", fn, args, loop, future))
+        self._send(Call(fn, loop, future))
         return await future
 
-    async def generate(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
-    ) -> AsyncIterator[RequestOutput]:
-        """Stream the request's outputs; stopping early aborts it."""
+    def _check_running(self) -> None:
         if not self.is_healthy():
-            raise RuntimeError("engine is not running")
-        if self._sleeping:
-            raise EngineSleepingError("the model is asleep")
-        self.engine.check_request(prompt_token_ids, params)
-        if request_id in self._streams:
-            raise ValueError(f"request id {request_id} is already in use")
-        self._loop = asyncio.get_running_loop()
-        stream: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = stream
-        self._send(("add", request_id, prompt_token_ids, params))
-        finished = False
-        try:
-            while not finished:
-                item = await stream.get()
-                if isinstance(item, Exception):
-                    finished = True
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
-            self._streams.pop(request_id, None)
-            if not finished:
-                self._send(("abort", request_id))
+            raise EngineDeadError(self.dead_reason or "the engine is not running")
 
-    async def abort(self, request_id: str) -> None:
-        self._streams.pop(request_id, None)
-        self._send(("abort", request_id))
-
-    def _send(self, message: tuple) -> None:
+    def _send(self, message: Message) -> None:
         self._inbox.put(message)
         self._wake.set()
 
+    # --- the engine thread -------------------------------------------------------------
+
     def _run(self) -> None:
+        try:
+            self._loop_steps()
+        except BaseException as exc:  # the thread ends here; every stream is told below
+            logger.exception("the engine thread died")
+            self._dead_reason = f"the engine thread died ({type(exc).__name__})"
+        finally:
+            self._stopping = True
+            self._drain_inbox(stopped=True)
+            self._fail_all(EngineDeadError(self._dead_reason or "the engine is shut down"),
+                           every_stream=True)
+
+    def _loop_steps(self) -> None:
         engine = self.engine
         while not self._stopping:
             self._drain_inbox()
@@ -148,15 +258,15 @@ class AsyncEngine:
                 outputs = engine.step()
             except Exception as error:  # a fault of the server: fail what is in flight
                 logger.exception("engine step failed; aborting %d requests", len(engine.requests))
-                self._fail_all(error)
+                failed = RequestFailedError("the engine failed while serving this request")
+                failed.__cause__ = error
+                self._fail_all(failed)
                 continue
             self._stats = engine.stats()
             if outputs:
                 self._deliver(outputs)
             logger.debug("step: %d outputs in %.1f ms", len(outputs),
                          1e3 * (time.perf_counter() - started))
-        self._fail_all(RuntimeError("engine is not running"))
-        self._drain_inbox(stopped=True)
 
     def _drain_inbox(self, stopped: bool = False) -> None:
         while True:
@@ -164,63 +274,62 @@ class AsyncEngine:
                 message = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if message[0] == "call":
-                self._run_call(*message[1:], stopped=stopped)
+            if isinstance(message, Call):
+                self._run_call(message, stopped)
             elif stopped:
                 continue
-            elif message[0] == "add":
-                _, request_id, prompt_ids, params = message
+            elif isinstance(message, AddRequest):
                 try:
-                    self.engine.add_request(request_id, prompt_ids, params)
-                except ValueError as error:
-                    self._deliver_error(request_id, error)
+                    self.engine.add_request(message.request_id, message.prompt, message.params)
+                except EngineError as error:
+                    self._fail([message.request_id], error)
             else:
-                self.engine.abort_request(message[1])
+                self.engine.abort_request(message.request_id)
 
-    def _run_call(self, fn, args: tuple, loop: asyncio.AbstractEventLoop,
-                  future: asyncio.Future, stopped: bool = False) -> None:
-        error: BaseException | None = RuntimeError("engine is not running") if stopped else None
-        result = None
-        if error is None:
-            try:
-                result = fn(*args)
-            except Exception as exc:  # handed to the caller
-                error = exc
-            self._stats = self.engine.stats()
-
-        def settle() -> None:
-            if future.done():
-                return
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(result)
-
+    def _run_call(self, call: Call, stopped: bool) -> None:
+        if stopped:
+            call.settle(error=EngineDeadError("the engine is not running"))
+            return
         try:
-            loop.call_soon_threadsafe(settle)
-        except RuntimeError:  # the caller's loop is closed: nobody is waiting
-            pass
-
-    def _fail_all(self, error: Exception) -> None:
-        for request_id in list(self.engine.requests):
-            self.engine.abort_request(request_id)
-            self._deliver_error(request_id, RuntimeError(f"internal error: {error}"))
+            result = call.fn()
+        except Exception as exc:  # handed to the caller
+            call.settle(error=exc)
+        else:
+            call.settle(result)
         self._stats = self.engine.stats()
+
+    def _fail_all(self, error: BaseException, every_stream: bool = False) -> None:
+        """Abort every request in the engine and hand `error` to their streams (with
+        `every_stream`, to every open stream, queued requests included)."""
+        request_ids = list(self.engine.requests)
+        for request_id in request_ids:
+            self.engine.abort_request(request_id)
+        self._stats = self.engine.stats()
+        self._fail(None if every_stream else request_ids, error)
+
+    def _fail(self, request_ids: list[str] | None, error: BaseException) -> None:
+        """Hand `error` to the streams of `request_ids` (None: all open streams)."""
+
+        def push() -> None:
+            for request_id in list(self._streams) if request_ids is None else request_ids:
+                stream = self._streams.get(request_id)
+                if stream is not None:
+                    stream.put(error)
+
+        self._on_loop(push)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         def push() -> None:
             for out in outputs:
                 stream = self._streams.get(out.request_id)
                 if stream is not None:
-                    stream.put_nowait(out)
+                    stream.put(out)
 
-        self._loop.call_soon_threadsafe(push)
+        self._on_loop(push)
 
-    def _deliver_error(self, request_id: str, error: Exception) -> None:
-        def push() -> None:
-            stream = self._streams.get(request_id)
-            if stream is not None:
-                stream.put_nowait(error)
-
+    def _on_loop(self, fn: Callable[[], None]) -> None:
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(push)
+            try:
+                self._loop.call_soon_threadsafe(fn)
+            except RuntimeError:  # the loop is closed: nobody is listening
+                pass

@@ -1,14 +1,33 @@
-"""The paged KV cache's bookkeeping: ref-counted blocks, block tables, prefix cache.
+"""The paged KV cache's bookkeeping: ref-counted blocks, block tables, prefix cache, forks.
 
 A block holds `block_size` tokens' keys and values. A full block whose tokens
-have been computed is hashed by its tokens and the hash of the block before
-it, so a later sequence with the same prefix reuses it instead of recomputing.
-A block nobody holds stays in the free queue with its hash until it is reused.
+have been computed enters the prefix cache under a key made of its tokens and
+the digest of everything before it, so a later sequence with the same prefix
+reuses it instead of recomputing. A hit compares the stored tokens, not just a
+hash; the digest of the prefix is a 128-bit BLAKE2b, so two prefixes never
+share one in practice. A block nobody holds stays in the free queue with its
+key until it is reused.
 """
 
+from array import array
 from collections import deque
+from hashlib import blake2b
+from typing import NamedTuple
 
 from xllm.engine.sequence import Sequence
+
+
+class BlockKey(NamedTuple):
+    """What a cached block holds: its tokens, after the prefix with digest `parent`.
+    (Image inputs will add the hashes of the images the block covers.)"""
+
+    parent: bytes
+    tokens: tuple[int, ...]
+
+    def digest(self) -> bytes:
+        """The digest of the prefix that ends with this block."""
+        data = self.parent + array("q", self.tokens).tobytes()
+        return blake2b(data, digest_size=16).digest()
 
 
 class BlockManager:
@@ -18,9 +37,8 @@ class BlockManager:
         self.prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
         self.free_queue: deque[int] = deque(range(num_blocks))
-        self.block_hash: list[int | None] = [None] * num_blocks
-        self.hash_to_block: dict[int, int] = {}
-        self.hashed: dict[int, tuple[int, int]] = {}  # id(seq) -> (blocks hashed, last hash)
+        self.block_key: list[BlockKey | None] = [None] * num_blocks
+        self.cached: dict[BlockKey, int] = {}
         self.queries = 0
         self.hits = 0
 
@@ -32,13 +50,9 @@ class BlockManager:
         """More blocks `seq` needs to hold `num_tokens` tokens."""
         return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
 
-    def _hashes(self, seq: Sequence, first: int, last: int, prev: int = 0) -> list[int]:
-        """Chained hashes of blocks first..last-1 of `seq`, `prev` being block first-1's."""
-        hashes, bs = [], self.block_size
-        for i in range(first, last):
-            prev = hash((prev, tuple(seq.token_ids[i * bs : (i + 1) * bs])))
-            hashes.append(prev)
-        return hashes
+    def _key(self, seq: Sequence, index: int, parent: bytes) -> BlockKey:
+        bs = self.block_size
+        return BlockKey(parent, tuple(seq.token_ids[index * bs : (index + 1) * bs]))
 
     def allocate_prefix(self, seq: Sequence) -> int:
         """Give a new sequence the cached blocks of its longest known prefix.
@@ -50,18 +64,19 @@ class BlockManager:
             return 0
         candidates = (seq.num_tokens - 1) // self.block_size
         self.queries += candidates
-        last = 0
-        for h in self._hashes(seq, 0, candidates):
-            block = self.hash_to_block.get(h)
+        parent = b""
+        for i in range(candidates):
+            key = self._key(seq, i, parent)
+            block = self.cached.get(key)  # equal keys: same prefix digest and same tokens
             if block is None:
                 break
-            last = h
             if self.ref_counts[block] == 0:
                 self.free_queue.remove(block)
             self.ref_counts[block] += 1
             seq.block_table.append(block)
+            parent = key.digest()
         self.hits += len(seq.block_table)
-        self.hashed[id(seq)] = (len(seq.block_table), last)
+        seq.num_hashed_blocks, seq.prefix_digest = len(seq.block_table), parent
         return len(seq.block_table) * self.block_size
 
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
@@ -71,29 +86,43 @@ class BlockManager:
             return False
         for _ in range(needed):
             block = self.free_queue.popleft()
-            old = self.block_hash[block]
-            if old is not None and self.hash_to_block.get(old) == block:
-                del self.hash_to_block[old]
-            self.block_hash[block] = None
+            old = self.block_key[block]
+            if old is not None and self.cached.get(old) == block:
+                del self.cached[old]
+            self.block_key[block] = None
             self.ref_counts[block] = 1
             seq.block_table.append(block)
         return True
 
     def commit(self, seq: Sequence) -> None:
-        """Hash the blocks that `seq` has filled with computed tokens."""
+        """Enter the blocks that `seq` has filled with computed tokens into the prefix cache."""
         if not self.prefix_caching:
             return
-        done, prev = self.hashed.get(id(seq), (0, 0))
         full = min(seq.num_computed // self.block_size, len(seq.block_table))
-        if full <= done:
-            return
-        for i, h in enumerate(self._hashes(seq, done, full, prev), start=done):
+        parent = seq.prefix_digest
+        for i in range(seq.num_hashed_blocks, full):
+            key = self._key(seq, i, parent)
             block = seq.block_table[i]
-            if self.block_hash[block] is None:
-                self.block_hash[block] = h
-                self.hash_to_block.setdefault(h, block)
-            prev = h
-        self.hashed[id(seq)] = (full, prev)
+            if self.block_key[block] is None:
+                self.block_key[block] = key
+                self.cached.setdefault(key, block)
+            parent = key.digest()
+        if full > seq.num_hashed_blocks:
+            seq.num_hashed_blocks, seq.prefix_digest = full, parent
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Let `child` (holding no blocks) share all of `parent`'s blocks by reference.
+
+        Full blocks are never written again; a shared partial last block must be
+        copied before either sequence writes to it (copy on write, the caller's job).
+        """
+        if child.block_table:
+            raise ValueError("fork: the child already holds blocks")
+        for block in parent.block_table:
+            self.ref_counts[block] += 1
+        child.block_table = list(parent.block_table)
+        child.num_hashed_blocks = parent.num_hashed_blocks
+        child.prefix_digest = parent.prefix_digest
 
     def free(self, seq: Sequence) -> None:
         """Give back all of `seq`'s blocks; the last holder puts a block in the free queue."""
@@ -102,12 +131,11 @@ class BlockManager:
             if self.ref_counts[block] == 0:
                 self.free_queue.append(block)
         seq.block_table = []
-        self.hashed.pop(id(seq), None)
+        seq.num_hashed_blocks, seq.prefix_digest = 0, b""
 
     def reset_prefix_cache(self) -> None:
-        """Forget every cached block hash (the KV contents are gone); only with no holders."""
+        """Forget every cached block (the KV contents are gone); only with no holders."""
         if any(self.ref_counts):
             raise RuntimeError("cannot reset the prefix cache while blocks are held")
-        self.block_hash = [None] * self.num_blocks
-        self.hash_to_block.clear()
-        self.hashed.clear()
+        self.block_key = [None] * self.num_blocks
+        self.cached.clear()

@@ -6,6 +6,7 @@ from xllm.config import EngineConfig
 from xllm.engine.llm_engine import LLMEngine
 from xllm.engine.outputs import CompletionOutput, RequestOutput
 from xllm.engine.sampling_params import SamplingParams
+from xllm.inputs import PromptInput
 
 
 class LLM:
@@ -22,15 +23,18 @@ class LLM:
         """Run all prompts to the end; each output holds its choices' full results."""
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
+        processor = self.engine.processor
+        inputs = [processor.text(p) if isinstance(p, str) else PromptInput.of(p) for p in prompts]
+        for prompt, p in zip(inputs, params):
+            processor.check(prompt, p)
         results: dict[str, RequestOutput] = {}
         order = []
-        for prompt, p in zip(prompts, params):
-            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        for prompt, p in zip(inputs, params):
             request_id = f"offline-{next(self._ids)}"
-            self.engine.add_request(request_id, ids, p)
+            self.engine.add_request(request_id, prompt, p)
             order.append(request_id)
             results[request_id] = RequestOutput(
-                request_id, ids,
+                request_id, list(prompt.token_ids),
                 [CompletionOutput(i, "", [], [] if p.logprobs is not None else None)
                  for i in range(p.n)],
                 False,

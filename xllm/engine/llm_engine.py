@@ -1,8 +1,12 @@
-"""The synchronous engine: `step()` is schedule, run the model, sample, emit outputs."""
+"""The synchronous engine: `step()` is schedule, run the model, sample, emit outputs.
+
+Requests reach `add_request` already checked by `processor.check` (the async
+front and the offline LLM both do so); the engine trusts them.
+"""
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -10,14 +14,18 @@ from xllm import ops
 from xllm.config import EngineConfig
 from xllm.engine.block_manager import BlockManager
 from xllm.engine.detokenizer import Detokenizer
+from xllm.engine.errors import EngineBusyError, InvalidParameter
 from xllm.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
+from xllm.engine.processor import InputProcessor
 from xllm.engine.sampler import Sampler, seeded_generator
 from xllm.engine.sampling_params import SamplingParams
-from xllm.engine.scheduler import ScheduledSeq, Scheduler
+from xllm.engine.scheduler import Scheduler
 from xllm.engine.sequence import Sequence
 from xllm.engine.tokenizer import Tokenizer
+from xllm.inputs import PromptInput
+from xllm.model.config import context_length, load_hf_config
 from xllm.model.loader import resolve_model
-from xllm.model.runner import ModelRunner, SeqInput, context_length, load_hf_config
+from xllm.model.runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -27,16 +35,15 @@ SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "repetition_penalty")
 @dataclass
 class Request:
     request_id: str
-    prompt_ids: list[int]
+    prompt: PromptInput
     params: SamplingParams
     seqs: list[Sequence]
     detokenizers: list[Detokenizer]
-    pending: list[Sequence] = field(default_factory=list)  # choices waiting for choice 0's prompt
     prompt_logprobs_sent: bool = False
 
     @property
     def finished(self) -> bool:
-        return not self.pending and all(s.finished for s in self.seqs)
+        return all(s.finished for s in self.seqs)
 
 
 class LLMEngine:
@@ -59,6 +66,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
         )
+        self.processor = InputProcessor(self.tokenizer, self.max_model_len, self.runner.vocab_size)
         self.sampler = Sampler(config.seed)
         self.requests: dict[str, Request] = {}
         self.default_params = self._generation_defaults()
@@ -77,52 +85,27 @@ class LLMEngine:
             return {}
         return {k: values[k] for k in SAMPLING_DEFAULTS if values.get(k) is not None}
 
-    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError if this request cannot be served as asked."""
-        params.validate()
-        n, limit = len(prompt_ids), self.max_model_len
-        vocab = self.runner.vocab_size
-        if n == 0:
-            raise ValueError("the prompt must not be empty")
-        if any(not 0 <= t < vocab for t in prompt_ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        if n >= limit:
-            raise ValueError(
-                f"the prompt has {n} tokens, but the model's context is {limit} tokens"
-            )
-        if params.max_tokens is not None and n + params.max_tokens > limit:
-            raise ValueError(
-                f"the prompt ({n} tokens) plus max_tokens ({params.max_tokens}) exceeds "
-                f"the model's context of {limit} tokens"
-            )
-        for t in list(params.logit_bias or {}) + list(params.stop_token_ids):
-            if not 0 <= t < vocab:
-                raise ValueError(f"token id {t} is outside the vocabulary [0, {vocab})")
-
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt: PromptInput, params: SamplingParams) -> None:
+        """Queue a request that `processor.check` has passed."""
         if request_id in self.requests:
-            raise ValueError(f"request id {request_id} is already in use")
-        self.check_request(prompt_ids, params)
+            raise InvalidParameter("request_id", f"request id {request_id} is already in use")
         seqs = [
-            Sequence(
-                request_id, i, list(prompt_ids), len(prompt_ids), params,
-                generator=None if params.seed is None else seeded_generator(params.seed, i),
-            )
+            Sequence(request_id, i, prompt, params,
+                     generator=None if params.seed is None else seeded_generator(params.seed, i))
             for i in range(params.n)
         ]
         if params.prompt_logprobs is not None:
             seqs[0].prompt_logprobs = [None]
+        elif self.config.enable_prefix_caching:
+            for seq in seqs[1:]:  # the other choices read the prompt from the prefix cache
+                seq.wait_for = seqs[0]
         detoks = [
-            Detokenizer(
-                self.tokenizer, prompt_ids, params.skip_special_tokens, params.stop,
-                params.include_stop_str_in_output,
-            )
+            Detokenizer(self.tokenizer, prompt.token_ids, params.skip_special_tokens, params.stop,
+                        params.include_stop_str_in_output)
             for _ in seqs
         ]
-        share_prefix = self.config.enable_prefix_caching and params.prompt_logprobs is None
-        first, rest = (seqs[:1], seqs[1:]) if share_prefix else (seqs, [])
-        self.requests[request_id] = Request(request_id, prompt_ids, params, seqs, detoks, rest)
-        for seq in first:
+        self.requests[request_id] = Request(request_id, prompt, params, seqs, detoks)
+        for seq in seqs:
             self.scheduler.add(seq)
 
     def abort_request(self, request_id: str) -> None:
@@ -139,47 +122,31 @@ class LLMEngine:
         return bool(self.requests)
 
     def step(self) -> list[RequestOutput]:
-        scheduled = self.scheduler.schedule()
-        if not scheduled:
+        plan = self.scheduler.schedule()
+        if not plan.scheduled:
             return []
-        inputs, sample_seqs, sample_rows, prompt_rows = self._inputs(scheduled)
-        logits = self.runner.run(inputs)
-        for seq, first_row, n_rows in prompt_rows:
-            self._add_prompt_logprobs(seq, logits[first_row : first_row + n_rows])
+        logits = self.runner.run(plan.inputs())
+        for item in plan.scheduled:
+            if item.prompt_rows:
+                rows = item.prompt_rows
+                self._add_prompt_logprobs(item.seq, logits[rows.start : rows.stop])
+        sampled = plan.sampled
         tokens, logprobs = [], []
-        if sample_seqs:
-            rows = logits if len(sample_rows) == len(logits) else logits[sample_rows]
-            tokens, logprobs = self.sampler(rows, sample_seqs)
-        for item in scheduled:
+        if sampled:
+            sample_rows = [item.sample_row for item in sampled]
+            rows = logits if len(sample_rows) == plan.num_rows else logits[sample_rows]
+            tokens, logprobs = self.sampler(rows, [item.seq for item in sampled])
+        for item in plan.scheduled:
             item.seq.num_computed += item.num_new_tokens
             self.block_manager.commit(item.seq)
         news: dict[str, list[CompletionOutput]] = {}
-        for seq, token, logprob in zip(sample_seqs, tokens, logprobs):
-            news.setdefault(seq.request_id, []).append(self._append(seq, token, logprob))
-        return [self._output(self.requests[rid], outs) for rid, outs in news.items()]
-
-    def _inputs(self, scheduled: list[ScheduledSeq]):
-        """The runner's inputs; the sequences to sample and their logits rows; and
-        (sequence, first row, row count) of the prompt-logprob rows."""
-        inputs, sample_seqs, sample_rows, prompt_rows = [], [], [], []
-        row = 0
-        for item in scheduled:
-            seq, start = item.seq, item.seq.num_computed
-            end = start + item.num_new_tokens
-            offsets = []
-            if seq.needs_prompt_logprobs:
-                first = max(start, len(seq.prompt_logprobs) - 1)
-                offsets = [p - start for p in range(first, min(end, seq.num_prompt_tokens - 1))]
-                if offsets:
-                    prompt_rows.append((seq, row, len(offsets)))
-                    row += len(offsets)
-            if end == seq.num_tokens:
-                offsets.append(end - 1 - start)
-                sample_seqs.append(seq)
-                sample_rows.append(row)
-                row += 1
-            inputs.append(SeqInput(seq.token_ids[start:end], start, seq.block_table, offsets))
-        return inputs, sample_seqs, sample_rows, prompt_rows
+        for item, token, logprob in zip(sampled, tokens, logprobs):
+            news.setdefault(item.seq.request_id, []).append(self._append(item.seq, token, logprob))
+        outputs = [self._output(self.requests[rid], outs) for rid, outs in news.items()]
+        for out in outputs:
+            if out.finished:
+                del self.requests[out.request_id]
+        return outputs
 
     def _add_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> None:
         first = len(seq.prompt_logprobs)
@@ -195,10 +162,6 @@ class LLMEngine:
     def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> CompletionOutput:
         """Append a sampled token, check the stop conditions, and say what is new."""
         request = self.requests[seq.request_id]
-        if seq.index == 0 and request.pending:
-            for sibling in request.pending:
-                self.scheduler.add(sibling)
-            request.pending = []
         p = seq.params
         seq.token_ids.append(token)
         detok = request.detokenizers[seq.index]
@@ -224,20 +187,18 @@ class LLMEngine:
         if request.seqs[0].prompt_logprobs is not None and not request.prompt_logprobs_sent:
             prompt_logprobs = request.seqs[0].prompt_logprobs
             request.prompt_logprobs_sent = True
-        finished = request.finished
-        if finished:
-            del self.requests[request.request_id]
         return RequestOutput(
-            request.request_id, request.prompt_ids, outputs, finished, prompt_logprobs
+            request.request_id, list(request.prompt.token_ids), outputs, request.finished,
+            prompt_logprobs,
         )
 
     def sleep(self, level: int = 1) -> None:
         """Free the KV cache (level 1) and the weights (level 2); only with no request in
         flight. The prefix cache is forgotten with the KV contents."""
         if level not in (1, 2):
-            raise ValueError("level must be 1 or 2")
+            raise InvalidParameter.must("level", "must be 1 or 2")
         if self.requests:
-            raise ValueError(f"cannot sleep with {len(self.requests)} request(s) in flight")
+            raise EngineBusyError(f"cannot sleep with {len(self.requests)} request(s) in flight")
         if level <= self.sleep_level:
             return
         self.runner.sleep(level)
@@ -254,7 +215,7 @@ class LLMEngine:
     def stats(self) -> dict[str, int]:
         return {
             "num_running": len(self.scheduler.running),
-            "num_waiting": len(self.scheduler.waiting),
+            "num_waiting": self.scheduler.num_waiting,
             "num_free_blocks": self.block_manager.num_free_blocks,
             "num_total_blocks": self.block_manager.num_blocks,
             "prefix_cache_queries": self.block_manager.queries,

@@ -1,13 +1,19 @@
-"""Per-request sampling and stopping parameters."""
+"""Per-request sampling and stopping parameters, and the ranges they must be in."""
 
 from dataclasses import dataclass, field
+
+from xllm.engine.errors import InvalidParameter
+
+MAX_LOGPROBS = 20
+SEED_RANGE = (-(2**63), 2**64 - 1)
 
 
 @dataclass
 class SamplingParams:
     """What to generate and when to stop; validated by `validate()`.
 
-    `max_tokens=None` means: until the end of the context.
+    `max_tokens=None` means: until the end of the context; unset, it is 16, as in
+    OpenAI's completions API.
     `logprobs=None` means no logprobs; 0 the chosen token only; k also the top k.
     `prompt_logprobs` likewise for the prompt tokens (completions' `echo`).
     """
@@ -31,8 +37,6 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
 
-    MAX_LOGPROBS = 20
-
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
@@ -46,29 +50,28 @@ class SamplingParams:
         )
 
     def validate(self) -> None:
-        """Raise ValueError naming the first field out of range."""
+        """Raise InvalidParameter naming the first field out of range."""
         checks = [
-            (self.n >= 1, "n must be at least 1"),
-            (self.temperature >= 0.0, "temperature must be non-negative"),
-            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
-            (self.top_k == -1 or self.top_k >= 1, "top_k must be -1 (off) or at least 1"),
-            (0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]"),
-            (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
-            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
-            (self.repetition_penalty > 0.0, "repetition_penalty must be positive"),
-            (self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be at least 1"),
-            (
-                self.logprobs is None or 0 <= self.logprobs <= self.MAX_LOGPROBS,
-                f"logprobs must be in [0, {self.MAX_LOGPROBS}]",
-            ),
-            (
-                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= self.MAX_LOGPROBS,
-                f"prompt_logprobs must be in [0, {self.MAX_LOGPROBS}]",
-            ),
+            (self.n >= 1, "n", "must be at least 1"),
+            (self.temperature >= 0.0, "temperature", "must be non-negative"),
+            (0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]"),
+            (self.top_k == -1 or self.top_k >= 1, "top_k", "must be -1 (off) or at least 1"),
+            (0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]"),
+            (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be in [-2, 2]"),
+            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be in [-2, 2]"),
+            (self.repetition_penalty > 0.0, "repetition_penalty", "must be positive"),
+            (self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be at least 1"),
+            (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+             "logprobs", f"must be in [0, {MAX_LOGPROBS}]"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+             "prompt_logprobs", f"must be in [0, {MAX_LOGPROBS}]"),
+            (self.seed is None or SEED_RANGE[0] <= self.seed <= SEED_RANGE[1],
+             "seed", "is out of range"),
         ]
-        for ok, message in checks:
+        for ok, param, requirement in checks:
             if not ok:
-                raise ValueError(message)
+                raise InvalidParameter.must(param, requirement)
         for token_id, bias in (self.logit_bias or {}).items():
             if not -100.0 <= bias <= 100.0:
-                raise ValueError(f"logit_bias for token {token_id} must be in [-100, 100]")
+                raise InvalidParameter(
+                    "logit_bias", f"logit_bias for token {token_id} must be in [-100, 100]")

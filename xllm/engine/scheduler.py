@@ -1,10 +1,15 @@
-"""Continuous batching: which sequences run this step, and how many tokens each.
+"""Continuous batching: which sequences run this step, how many tokens each, which logits rows.
 
 Every step gives each running sequence its next chunk (one token for a
 decode, up to the token budget for a prompt), then admits waiting sequences
 while the budget, the sequence cap and the free blocks allow. When a running
 sequence needs a block and none is free, the most recently admitted sequence
-is preempted: its blocks are freed and it waits to be recomputed.
+is preempted: its blocks are freed and it waits to be recomputed. A sequence
+with `wait_for` set is held back until that sequence's prompt is computed, so
+that it finds the prompt in the prefix cache (the other choices of n > 1).
+
+The result is a `StepPlan`: per sequence, its tokens of this step and which
+rows of the step's logits are its own.
 """
 
 from collections import deque
@@ -12,12 +17,64 @@ from dataclasses import dataclass
 
 from xllm.engine.block_manager import BlockManager
 from xllm.engine.sequence import Sequence, Status
+from xllm.model.runner import SeqInput
 
 
 @dataclass
 class ScheduledSeq:
+    """One sequence's share of a step and its rows of the step's logits.
+
+    `logit_offsets` are the offsets into this step's tokens whose next-token
+    logits are wanted, in row order: first the prompt positions whose logprobs
+    are asked for (`prompt_rows`), then the last token when the sequence samples
+    its next token from row `sample_row`.
+    """
+
     seq: Sequence
+    start: int
     num_new_tokens: int
+    logit_offsets: list[int]
+    prompt_rows: range
+    sample_row: int | None
+
+    def input(self) -> SeqInput:
+        seq, end = self.seq, self.start + self.num_new_tokens
+        return SeqInput(seq.prompt, seq.token_ids[self.start : end], self.start, seq.block_table,
+                        self.logit_offsets)
+
+
+@dataclass
+class StepPlan:
+    """What one step runs; the logits come back with `num_rows` rows, in plan order."""
+
+    scheduled: list[ScheduledSeq]
+    num_rows: int
+
+    def inputs(self) -> list[SeqInput]:
+        return [item.input() for item in self.scheduled]
+
+    @property
+    def sampled(self) -> list[ScheduledSeq]:
+        return [item for item in self.scheduled if item.sample_row is not None]
+
+
+def plan_rows(chunks: list[tuple[Sequence, int]]) -> StepPlan:
+    """Number the logits rows of (sequence, new tokens) chunks, in order."""
+    scheduled, row = [], 0
+    for seq, n in chunks:
+        start, end = seq.num_computed, seq.num_computed + n
+        offsets = []
+        if seq.needs_prompt_logprobs:
+            first = max(start, len(seq.prompt_logprobs) - 1)
+            offsets = [p - start for p in range(first, min(end, seq.num_prompt_tokens - 1))]
+        prompt_rows = range(row, row + len(offsets))
+        sample_row = None
+        if end == seq.num_tokens:
+            sample_row = prompt_rows.stop
+            offsets.append(n - 1)
+        row += len(offsets)
+        scheduled.append(ScheduledSeq(seq, start, n, offsets, prompt_rows, sample_row))
+    return StepPlan(scheduled, row)
 
 
 class Scheduler:
@@ -25,16 +82,35 @@ class Scheduler:
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.held: list[Sequence] = []  # waiting on `wait_for`
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
 
-    def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting) + len(self.held)
 
-    def schedule(self) -> list[ScheduledSeq]:
+    def add(self, seq: Sequence) -> None:
+        (self.held if seq.wait_for is not None else self.waiting).append(seq)
+
+    def _release_held(self) -> None:
+        """Move sequences whose `wait_for` has its prompt computed (or is gone) to waiting."""
+        still = []
+        for seq in self.held:
+            leader = seq.wait_for
+            if leader.prompt_computed or leader.finished:
+                seq.wait_for = None
+                self.waiting.append(seq)
+            else:
+                still.append(seq)
+        self.held = still
+
+    def schedule(self) -> StepPlan:
+        if self.held:
+            self._release_held()
         budget = self.max_num_batched_tokens
-        scheduled: list[ScheduledSeq] = []
+        chunks: list[tuple[Sequence, int]] = []
         preempted = False
         i = 0
         while i < len(self.running) and budget > 0:
@@ -47,7 +123,7 @@ class Scheduler:
                     break
             if seq.status is Status.WAITING:
                 break
-            scheduled.append(ScheduledSeq(seq, n))
+            chunks.append((seq, n))
             budget -= n
             i += 1
         # Admit waiting sequences, keeping a free block per running sequence for its decodes.
@@ -67,9 +143,9 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
-            scheduled.append(ScheduledSeq(seq, n))
+            chunks.append((seq, n))
             budget -= n
-        return scheduled
+        return plan_rows(chunks)
 
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.free(seq)
@@ -83,6 +159,8 @@ class Scheduler:
         self.blocks.free(seq)
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
-        elif seq.status is Status.WAITING and seq in self.waiting:
+        elif seq in self.held:
+            self.held.remove(seq)
+        elif seq in self.waiting:
             self.waiting.remove(seq)
         seq.status = Status.FINISHED

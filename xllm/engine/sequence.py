@@ -7,6 +7,7 @@ import torch
 
 from xllm.engine.outputs import TokenLogprob
 from xllm.engine.sampling_params import SamplingParams
+from xllm.inputs import PromptInput
 
 
 class Status(enum.Enum):
@@ -20,21 +21,35 @@ class Sequence:
     """Choice `index` of request `request_id`.
 
     `token_ids` holds the prompt then the output; `num_computed` of them have
-    their keys and values in the cache blocks of `block_table`.
+    their keys and values in the cache blocks of `block_table`. The first
+    `num_hashed_blocks` blocks are in the prefix cache, the last of them under
+    `prefix_digest` (the chain state the block manager keeps here).
+    `wait_for`, when set, is the sequence whose prompt must be in the cache
+    before this one is scheduled (the other choices of an n > 1 request).
     """
 
     request_id: str
     index: int
-    token_ids: list[int]
-    num_prompt_tokens: int
+    prompt: PromptInput
     params: SamplingParams
+    token_ids: list[int] = field(init=False)
     status: Status = Status.WAITING
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)
+    num_hashed_blocks: int = 0
+    prefix_digest: bytes = b""
+    wait_for: "Sequence | None" = None
     generator: torch.Generator | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt.token_ids)
 
     @property
     def num_tokens(self) -> int:
@@ -47,6 +62,10 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_computed(self) -> bool:
+        return self.num_computed >= self.num_prompt_tokens
 
     @property
     def needs_prompt_logprobs(self) -> bool:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
+from xllm.engine.errors import InvalidParameter
+
 
 @lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
@@ -56,7 +58,8 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.hf.chat_template:
-            raise ValueError("this model has no chat template; use /v1/completions")
+            raise InvalidParameter(
+                "messages", "this model has no chat template; use /v1/completions")
         return self.hf.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )

@@ -1,4 +1,4 @@
-"""The attention metadata of the current batch, set once per step by the runner."""
+"""The attention metadata and KV cache of the current batch, set once per step by the runner."""
 
 from dataclasses import dataclass
 
@@ -11,6 +11,7 @@ class AttentionContext:
     query_start_loc: torch.Tensor  # [B + 1] int32
     seq_lens: torch.Tensor  # [B] int32: tokens in the cache after this step
     block_tables: torch.Tensor  # [B, max_blocks] int32
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: K and V cache
 
 
 _context: AttentionContext | None = None

@@ -64,8 +64,6 @@ class Attention(nn.Module):
         bias = config.model_type == "qwen2" or getattr(config, "attention_bias", False)
         self.qkv_proj = Linear(config.hidden_size, q_size + 2 * kv_size, bias=bias)
         self.o_proj = Linear(q_size, config.hidden_size, bias=False)
-        self.k_cache = torch.empty(0)
-        self.v_cache = torch.empty(0)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         tokens, heads = x.shape[0], self.num_heads
@@ -76,10 +74,10 @@ class Attention(nn.Module):
         q, k = qk[:, :heads], qk[:, heads:]
         v = qkv[:, q_and_k:].view(tokens, self.num_kv_heads, self.head_dim)
         ctx = get_context()
-        ops.write_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+        k_cache, v_cache = ctx.kv_caches[self.layer_index]
+        ops.write_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
         out = ops.paged_attention(
-            q, self.k_cache, self.v_cache, ctx.query_start_loc, ctx.seq_lens,
-            ctx.block_tables, self.scale,
+            q, k_cache, v_cache, ctx.query_start_loc, ctx.seq_lens, ctx.block_tables, self.scale
         )
         return self.o_proj(out.view(tokens, -1))
 
@@ -147,11 +145,23 @@ class LlamaForCausalLM(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden))
 
+    def kv_block_shape(self, block_size: int) -> tuple[int, int, int]:
+        """The shape of one layer's K (or V) cache block: [block_size, kv heads, head_dim]."""
+        attn = self._attn(0)
+        return (block_size, attn.num_kv_heads, attn.head_dim)
+
     def load_weights(self, weights) -> None:
         """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up."""
-        params = dict(self.named_parameters())
+        params = dict(self.named_parameters())  # a tied lm_head is the embedding's parameter
         fused = {"q_proj": 0, "k_proj": 1, "v_proj": 2, "gate_proj": 0, "up_proj": 1}
-        loaded = set()
+        missing = set()
+        for name in params:
+            if ".qkv_proj." in name:
+                missing.update(f"{name}:{proj}" for proj in ("q_proj", "k_proj", "v_proj"))
+            elif ".gate_up_proj." in name:
+                missing.update(f"{name}:{proj}" for proj in ("gate_proj", "up_proj"))
+            else:
+                missing.add(name)
         for name, tensor in weights:
             name = name.removeprefix("model.")
             if "rotary_emb" in name:
@@ -167,15 +177,14 @@ class LlamaForCausalLM(nn.Module):
                 sizes = self._attn(int(parts[1])).sizes if is_attn else mlp_sizes
                 offset = sum(sizes[: fused[proj]])
                 params[target].data[offset : offset + sizes[fused[proj]]].copy_(tensor)
-                loaded.add(f"{target}:{proj}")
+                missing.discard(f"{target}:{proj}")
             elif name in params:
                 params[name].data.copy_(tensor)
-                loaded.add(name)
+                missing.discard(name)
             else:
                 raise KeyError(f"unexpected weight {name}")
-        expected = 2 + len(self.layers) * 9 + (0 if self.config.tie_word_embeddings else 1)
-        if len(loaded) < expected:
-            raise ValueError(f"checkpoint is missing weights: loaded {len(loaded)} of {expected}")
+        if missing:
+            raise ValueError(f"checkpoint is missing {len(missing)} weights, e.g. {min(missing)}")
 
     def _attn(self, index: int) -> Attention:
         return self.layers[index].self_attn

@@ -1,9 +1,10 @@
 """The model runner: owns the model and its KV cache, runs one forward pass per step.
 
-The engine hands it one `SeqInput` per scheduled sequence (new token ids, where
-they start, the block table, which positions need logits); it lays them end to
-end into flat tensors, sets the attention context, runs the model once for
-prefill chunks and decodes together, and returns the logits asked for.
+The engine hands it one `SeqInput` per scheduled sequence (its prompt, the new
+token ids, where they start, the block table, which positions need logits); it
+lays them end to end into flat tensors, sets the attention context (metadata
+and KV cache), runs the model once for prefill chunks and decodes together, and
+returns the logits asked for.
 """
 
 import gc
@@ -14,38 +15,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoConfig
 
 from xllm.config import EngineConfig
+from xllm.inputs import PromptInput
+from xllm.model.config import ARCHITECTURES
 from xllm.model.context import AttentionContext, set_context
 from xllm.model.llama import LlamaForCausalLM
 from xllm.model.loader import iterate_weights
 
 logger = logging.getLogger(__name__)
 
-ARCHITECTURES = {"llama": LlamaForCausalLM, "qwen2": LlamaForCausalLM}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
 class SeqInput:
-    """One sequence's share of a step, in token ids only."""
+    """One sequence's share of a step."""
 
+    prompt: PromptInput  # the request's prompt (image inputs will be read from it)
     token_ids: list[int]  # the new tokens of this step
     start: int  # their first position (tokens already in the cache)
     block_table: list[int]
     logit_offsets: list[int]  # offsets into token_ids whose next-token logits are wanted
-
-
-def load_hf_config(folder: Path):
-    config = AutoConfig.from_pretrained(folder)
-    if config.model_type not in ARCHITECTURES:
-        raise ValueError(f"unsupported architecture {config.model_type!r}")
-    return config
-
-
-def context_length(hf_config) -> int:
-    return int(getattr(hf_config, "max_position_embeddings", 2048))
 
 
 class ModelRunner:
@@ -60,8 +51,9 @@ class ModelRunner:
         self.model = self._load_model()
         self.vocab_size = hf_config.vocab_size
         self.num_blocks = config.num_blocks or self._blocks_for(config.kv_cache_memory)
-        self.k_cache: torch.Tensor | None = None
+        self.k_cache: torch.Tensor | None = None  # [layers, blocks, block_size, kv heads, dim]
         self.v_cache: torch.Tensor | None = None
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []  # per-layer views
         self._allocate_kv_cache()
 
     def _load_model(self) -> LlamaForCausalLM:
@@ -69,17 +61,10 @@ class ModelRunner:
         model.load_weights(iterate_weights(self.folder))
         return model.to(self.dtype).eval()
 
-    @property
-    def sleeping(self) -> bool:
-        return self.k_cache is None
-
     def sleep(self, level: int = 1) -> None:
         """Free the KV cache; level 2 frees the weights too. Harmless when already asleep."""
-        if self.k_cache is not None:
-            for layer in self.model.layers:
-                layer.self_attn.k_cache = torch.empty(0)
-                layer.self_attn.v_cache = torch.empty(0)
-            self.k_cache = self.v_cache = None
+        self.k_cache = self.v_cache = None
+        self.kv_caches = []
         if level >= 2 and self.model is not None:
             self.model = None
         gc.collect()
@@ -93,26 +78,23 @@ class ModelRunner:
             self._allocate_kv_cache()
         logger.info("awake")
 
-    def _kv_shape(self) -> tuple[int, ...]:
-        attn = self.model.layers[0].self_attn
-        return (self.block_size, attn.num_kv_heads, attn.head_dim)
-
     def _blocks_for(self, memory: int) -> int:
-        per_block = 2 * len(self.model.layers) * int(np.prod(self._kv_shape()))
+        block = int(np.prod(self.model.kv_block_shape(self.block_size)))
+        per_block = 2 * len(self.model.layers) * block
         return max(1, memory // (per_block * torch.finfo(self.dtype).bits // 8))
 
     def _allocate_kv_cache(self) -> None:
-        shape = (len(self.model.layers), self.num_blocks, *self._kv_shape())
+        shape = (len(self.model.layers), self.num_blocks,
+                 *self.model.kv_block_shape(self.block_size))
         self.k_cache = torch.zeros(shape, dtype=self.dtype)
         self.v_cache = torch.zeros(shape, dtype=self.dtype)
-        for i, layer in enumerate(self.model.layers):
-            layer.self_attn.k_cache = self.k_cache[i]
-            layer.self_attn.v_cache = self.v_cache[i]
+        self.kv_caches = list(zip(self.k_cache.unbind(0), self.v_cache.unbind(0)))
         logger.info("KV cache: %d blocks of %d tokens", self.num_blocks, self.block_size)
 
     @torch.inference_mode()
     def run(self, batch: list[SeqInput]) -> torch.Tensor:
-        """Forward the batch; return float32 logits [rows, vocab] in batch order."""
+        """Forward the batch; return float32 logits [rows, vocab]: for each input in order,
+        one row per logit offset."""
         input_ids, positions, slots, logit_rows = [], [], [], []
         query_start, seq_lens = [0], []
         bs = self.block_size
@@ -136,6 +118,7 @@ class ModelRunner:
                 query_start_loc=torch.tensor(query_start, dtype=torch.int32),
                 seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
                 block_tables=torch.from_numpy(tables),
+                kv_caches=self.kv_caches,
             )
         )
         try:

@@ -1,0 +1,75 @@
+"""Faults inside the engine, seen through HTTP: a failed step ends the streams in flight with
+an error event then [DONE]; a dead engine thread makes /health and new requests 503."""
+
+import json
+
+import pytest
+import requests
+from conftest import SERVED_MODEL_NAME, running_inproc_server
+
+
+class EngineThreadKilled(BaseException):
+    """Escapes every `except Exception`: ends the engine thread."""
+
+
+@pytest.fixture(scope="module")
+def server():
+    with running_inproc_server(max_concurrent_requests=4) as srv:
+        yield srv
+
+
+def fail_after(monkeypatch, engine, steps: int, error: BaseException) -> None:
+    """Make the engine's step raise `error` after `steps` good steps."""
+    step, calls = engine.step, [0]
+
+    def faulty():
+        calls[0] += 1
+        if calls[0] > steps:
+            raise error
+        return step()
+
+    monkeypatch.setattr(engine, "step", faulty)
+
+
+def stream_events(base_url: str) -> list:
+    body = {"model": SERVED_MODEL_NAME, "prompt": "Once upon a time", "max_tokens": 64,
+            "temperature": 0, "ignore_eos": True, "stream": True}
+    events = []
+    with requests.post(f"{base_url}/v1/completions", json=body, stream=True, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines(decode_unicode=True):
+            if line.startswith("data: "):
+                data = line[len("data: "):]
+                events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def test_a_failed_step_ends_the_stream_with_an_error_then_done(server, monkeypatch):
+    fail_after(monkeypatch, server.engine.engine, 4, RuntimeError("step fault"))
+    events = stream_events(server.base_url)
+    monkeypatch.undo()
+    assert events[-1] == "[DONE]"
+    error = events[-2]["error"]
+    assert error["code"] == "INTERNAL" and error["type"] == "internal_error"
+    assert "step fault" not in error["message"]
+    assert any(e.get("choices") for e in events[:-2])  # text came before the fault
+    assert requests.get(f"{server.base_url}/health", timeout=30).status_code == 200
+    stats = server.engine.stats()
+    assert stats["num_free_blocks"] == stats["num_total_blocks"]
+    body = {"model": SERVED_MODEL_NAME, "prompt": "hello", "max_tokens": 4}
+    assert requests.post(f"{server.base_url}/v1/completions", json=body,
+                         timeout=120).status_code == 200
+
+
+def test_a_dead_engine_thread_ends_streams_and_makes_health_503(server, monkeypatch):
+    fail_after(monkeypatch, server.engine.engine, 3, EngineThreadKilled())
+    events = stream_events(server.base_url)
+    assert events[-1] == "[DONE]"
+    assert events[-2]["error"]["code"] == "UNAVAILABLE"
+    health = requests.get(f"{server.base_url}/health", timeout=30)
+    assert health.status_code == 503
+    assert health.json()["status"] == "unhealthy" and "died" in health.json()["reason"]
+    body = {"model": SERVED_MODEL_NAME, "max_tokens": 4,
+            "messages": [{"role": "user", "content": "hi"}]}
+    resp = requests.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=60)
+    assert resp.status_code == 503 and resp.json()["error"]["code"] == "UNAVAILABLE"
