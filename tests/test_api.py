@@ -250,46 +250,139 @@ def test_completions_prompt_forms(openai_client):
     assert many.usage.prompt_tokens == 4
 
 
+def texts_by_index(chunks) -> dict[int, str]:
+    """Streamed chat or completion chunks (openai objects) -> index -> joined text."""
+    texts: dict[int, str] = {}
+    for chunk in chunks:
+        for c in chunk.choices:
+            piece = c.text if hasattr(c, "text") else (c.delta.content or "")
+            texts[c.index] = texts.get(c.index, "") + piece
+    return texts
+
+
+def finish_reasons_by_index(chunks) -> dict[int, list[str]]:
+    reasons: dict[int, list[str]] = {}
+    for chunk in chunks:
+        for c in chunk.choices:
+            if c.finish_reason is not None:
+                reasons.setdefault(c.index, []).append(c.finish_reason)
+    return reasons
+
+
+N2_CHAT = dict(model=MODEL, messages=CHAT_PROMPT, max_tokens=6, temperature=1.0, seed=7, n=2,
+               extra_body={"ignore_eos": True})  # fmt: skip
+N2_COMPLETIONS = dict(model=MODEL, prompt=TEXT_PROMPT, max_tokens=5, temperature=1.0, seed=7,
+                      n=2, extra_body={"ignore_eos": True})  # fmt: skip
+
+
 def test_chat_n2(openai_client):
-    resp = openai_client.chat.completions.create(
-        model=MODEL, messages=CHAT_PROMPT, max_tokens=6, temperature=1.0, seed=7, n=2
-    )
-    assert sorted(c.index for c in resp.choices) == [0, 1]
-    assert all(c.message.content is not None for c in resp.choices)
+    resp = openai_client.chat.completions.create(**N2_CHAT)
+    assert [c.index for c in resp.choices] == [0, 1]
+    for c in resp.choices:
+        assert c.message.role == "assistant"
+        assert isinstance(c.message.content, str) and c.message.content.strip(), resp
+        assert c.finish_reason == "length"
     check_usage(resp.usage)
+    assert resp.usage.completion_tokens == 2 * 6
+    # the same seed samples the same two choices again, and streaming does not change them
+    again = openai_client.chat.completions.create(**N2_CHAT)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in resp.choices]
+    chunks = list(openai_client.chat.completions.create(stream=True, **N2_CHAT))
+    assert texts_by_index(chunks) == {c.index: c.message.content for c in resp.choices}
+    assert finish_reasons_by_index(chunks) == {0: ["length"], 1: ["length"]}
 
 
 def test_completions_n2(openai_client):
-    resp = openai_client.completions.create(
-        model=MODEL,
-        prompt=TEXT_PROMPT,
-        max_tokens=5,
-        temperature=1.0,
-        seed=7,
-        n=2,
-        extra_body={"ignore_eos": True},
-    )
-    assert sorted(c.index for c in resp.choices) == [0, 1]
+    resp = openai_client.completions.create(**N2_COMPLETIONS)
+    assert [c.index for c in resp.choices] == [0, 1]
+    for c in resp.choices:
+        assert isinstance(c.text, str) and c.text.strip(), resp
+        assert c.finish_reason == "length"
     assert resp.usage.completion_tokens == 10
+    again = openai_client.completions.create(**N2_COMPLETIONS)
+    assert [c.text for c in again.choices] == [c.text for c in resp.choices]
 
 
 def test_completions_n2_streaming(openai_client):
-    chunks = list(
-        openai_client.completions.create(
-            model=MODEL,
-            prompt=TEXT_PROMPT,
-            max_tokens=5,
-            temperature=1.0,
-            seed=7,
-            n=2,
-            stream=True,
+    full = openai_client.completions.create(**N2_COMPLETIONS)
+    chunks = list(openai_client.completions.create(stream=True, **N2_COMPLETIONS))
+    texts = texts_by_index(chunks)
+    assert set(texts) == {0, 1}
+    assert all(t.strip() for t in texts.values()), texts
+    assert texts == {c.index: c.text for c in full.choices}
+    assert finish_reasons_by_index(chunks) == {0: ["length"], 1: ["length"]}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["full", "stream"])
+def test_n2_greedy_choices_equal_n1(openai_client, stream):
+    """At temperature 0 every one of the n choices is the n=1 greedy text."""
+    chat_kwargs = dict(model=MODEL, messages=CHAT_PROMPT, max_tokens=8, temperature=0)
+    cmpl_kwargs = dict(model=MODEL, prompt=TEXT_PROMPT, max_tokens=8, temperature=0)
+    chat_one = openai_client.chat.completions.create(**chat_kwargs).choices[0].message.content
+    cmpl_one = openai_client.completions.create(**cmpl_kwargs).choices[0].text
+    assert chat_one.strip() and cmpl_one.strip()
+    if stream:
+        chat_chunks = list(openai_client.chat.completions.create(n=2, stream=True, **chat_kwargs))
+        cmpl_chunks = list(openai_client.completions.create(n=2, stream=True, **cmpl_kwargs))
+        assert texts_by_index(chat_chunks) == {0: chat_one, 1: chat_one}
+        assert texts_by_index(cmpl_chunks) == {0: cmpl_one, 1: cmpl_one}
+        assert set(finish_reasons_by_index(chat_chunks)) == {0, 1}
+        assert set(finish_reasons_by_index(cmpl_chunks)) == {0, 1}
+    else:
+        chat_two = openai_client.chat.completions.create(n=2, **chat_kwargs)
+        cmpl_two = openai_client.completions.create(n=2, **cmpl_kwargs)
+        assert [(c.index, c.message.content) for c in chat_two.choices] == [
+            (0, chat_one), (1, chat_one)
+        ]  # fmt: skip
+        assert [(c.index, c.text) for c in cmpl_two.choices] == [(0, cmpl_one), (1, cmpl_one)]
+
+
+# --- several prompts and n > 1: choice index = prompt_index * n + choice_index ----------
+
+MULTI_PROMPTS = ["The capital of France is", "Once upon a time", "Water boils at"]
+MULTI_N = 2
+MULTI_MAX_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def prompts_alone(openai_client) -> list:
+    """Each of MULTI_PROMPTS sent alone, greedy: (text, prompt_tokens)."""
+    alone = []
+    for prompt in MULTI_PROMPTS:
+        resp = openai_client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=MULTI_MAX_TOKENS, temperature=0,
             extra_body={"ignore_eos": True},
-        )
-    )
-    indexes = {c.index for chunk in chunks for c in chunk.choices}
-    assert indexes == {0, 1}
-    finished = [c.index for chunk in chunks for c in chunk.choices if c.finish_reason]
-    assert sorted(finished) == [0, 1]
+        )  # fmt: skip
+        alone.append((resp.choices[0].text, resp.usage.prompt_tokens))
+    texts = [text for text, _ in alone]
+    assert len(set(texts)) == len(texts), f"the prompts must continue differently: {texts}"
+    return alone
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["full", "stream"])
+def test_multi_prompt_n_choice_index(openai_client, prompts_alone, stream):
+    kwargs = dict(model=MODEL, prompt=MULTI_PROMPTS, n=MULTI_N, max_tokens=MULTI_MAX_TOKENS,
+                  temperature=0, extra_body={"ignore_eos": True})  # fmt: skip
+    total = len(MULTI_PROMPTS) * MULTI_N
+    expected = {p * MULTI_N + j: prompts_alone[p][0]
+                for p in range(len(MULTI_PROMPTS)) for j in range(MULTI_N)}  # fmt: skip
+    prompt_tokens = sum(tokens for _, tokens in prompts_alone)
+    if stream:
+        chunks = list(openai_client.completions.create(
+            stream=True, stream_options={"include_usage": True}, **kwargs))  # fmt: skip
+        assert texts_by_index(chunks) == expected
+        assert finish_reasons_by_index(chunks) == {i: ["length"] for i in range(total)}
+        usage = chunks[-1].usage
+        assert chunks[-1].choices == []
+    else:
+        resp = openai_client.completions.create(**kwargs)
+        assert [c.index for c in resp.choices] == list(range(total))
+        assert {c.index: c.text for c in resp.choices} == expected
+        assert all(c.finish_reason == "length" for c in resp.choices)
+        usage = resp.usage
+    assert usage.completion_tokens == total * MULTI_MAX_TOKENS
+    assert usage.prompt_tokens == prompt_tokens
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
 
 # --- stop strings and finish reasons -------------------------------------------------
@@ -348,6 +441,97 @@ def test_chat_stop_string(openai_client):
     resp = openai_client.chat.completions.create(stop=[stop], **kwargs)
     assert resp.choices[0].message.content == base[: base.index(stop)]
     assert resp.choices[0].finish_reason == "stop"
+
+
+STOP_CHAT_PROMPT = [{"role": "user", "content": "Describe the moon in two sentences."}]
+STOP_TEXT_PROMPT = "Once upon a time"
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer():
+    """The default model's own tokenizer, loaded by transformers from its folder."""
+    from transformers import AutoTokenizer
+
+    from xllm.model.loader import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model("default"))
+
+
+def stop_request(endpoint: str) -> dict:
+    if endpoint == "chat":
+        return dict(model=MODEL, messages=STOP_CHAT_PROMPT, max_tokens=24, temperature=0)
+    return dict(model=MODEL, prompt=STOP_TEXT_PROMPT, max_tokens=24, temperature=0,
+                extra_body={"ignore_eos": True})  # fmt: skip
+
+
+def create(openai_client, endpoint: str, **kwargs):
+    api = openai_client.chat.completions if endpoint == "chat" else openai_client.completions
+    return api.create(**kwargs)
+
+
+def greedy_text_and_tokens(openai_client, endpoint: str) -> tuple[str, list[str]]:
+    """The greedy text of `stop_request(endpoint)` and the texts of its generated tokens."""
+    if endpoint == "chat":
+        resp = create(openai_client, endpoint, logprobs=True, **stop_request(endpoint))
+        choice = resp.choices[0]
+        return choice.message.content, [e.token for e in choice.logprobs.content]
+    resp = create(openai_client, endpoint, logprobs=1, **stop_request(endpoint))
+    return resp.choices[0].text, resp.choices[0].logprobs.tokens
+
+
+def pick_multi_token_stop(text: str, tokens: list[str], tokenizer, aligned: bool) -> str:
+    """A stop string from the middle of the greedy text that spans three generated tokens
+    (`aligned`: on token boundaries; else starting one character into a token and ending
+    one character into another), occurs first where it was generated, and that the
+    tokenizer encodes as two tokens or more."""
+    n = len(tokens)
+    for i in sorted(range(1, n - 4), key=lambda i: abs(i - n // 2)):
+        if not text.startswith("".join(tokens[: i + 4])):
+            continue  # a special token or a split character: no clean text offsets here
+        start = len("".join(tokens[:i]))
+        piece = "".join(tokens[i : i + 3])
+        if aligned:
+            stop = piece
+        else:
+            if len(tokens[i]) < 2 or not tokens[i + 3]:
+                continue
+            stop, start = piece[1:] + tokens[i + 3][0], start + 1
+        if not stop.strip() or start == 0 or text.find(stop) != start:
+            continue
+        if len(tokenizer.encode(stop, add_special_tokens=False)) < 2:
+            continue
+        return stop
+    pytest.fail(f"no multi-token stop string found in {text!r} ({tokens})")
+
+
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "mid_token"])
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_multi_token_stop_string_streaming(openai_client, hf_tokenizer, endpoint, aligned):
+    base, tokens = greedy_text_and_tokens(openai_client, endpoint)
+    stop = pick_multi_token_stop(base, tokens, hf_tokenizer, aligned)
+    expected = base[: base.index(stop)]
+    assert expected and len(expected) < len(base) - len(stop)  # cut in the middle
+    chunks = list(create(openai_client, endpoint, stream=True, stop=[stop],
+                         **stop_request(endpoint)))  # fmt: skip
+    streamed = ""
+    finishes = []
+    for chunk in chunks:
+        assert len(chunk.choices) <= 1
+        for c in chunk.choices:
+            assert not finishes, f"a chunk after the finishing one: {chunk}"
+            piece = c.text if endpoint == "completions" else (c.delta.content or "")
+            streamed += piece
+            # no chunk ever runs past the cut: no part of the stop string leaks out
+            assert expected.startswith(streamed), (stop, streamed, piece)
+            if c.finish_reason is not None:
+                finishes.append(c.finish_reason)
+    assert streamed == expected, (stop, base)
+    assert finishes == ["stop"]
+    # and the non-streamed response cuts at the same place
+    full = create(openai_client, endpoint, stop=[stop], **stop_request(endpoint)).choices[0]
+    text = full.message.content if endpoint == "chat" else full.text
+    assert text == expected
+    assert full.finish_reason == "stop"
 
 
 def test_completions_default_max_tokens_is_16(openai_client):
@@ -555,15 +739,21 @@ def test_seed_reproducible_at_temperature_one(openai_client):
 
 def test_chat_sse_framing(server_url):
     body = {"model": MODEL, "messages": CHAT_PROMPT, "max_tokens": 6, "stream": True, "n": 2,
-            "temperature": 0.8, "seed": 3}  # fmt: skip
+            "temperature": 0.8, "seed": 3, "ignore_eos": True}  # fmt: skip
     chunks = post_stream(f"{server_url}/v1/chat/completions", body)
     check_chunks(chunks, "chat.completion.chunk")
     assert chunks[0]["choices"][0]["delta"].get("role") == "assistant"
     seen_roles = {}
+    texts: dict[int, str] = {}
     for chunk in chunks:
         for choice in chunk["choices"]:
             seen_roles.setdefault(choice["index"], choice["delta"].get("role"))
+            texts[choice["index"]] = texts.get(choice["index"], "") + (
+                choice["delta"].get("content") or ""
+            )
     assert seen_roles == {0: "assistant", 1: "assistant"}
+    assert set(texts) == {0, 1}
+    assert all(t.strip() for t in texts.values()), texts
 
 
 def test_completions_sse_framing(server_url):

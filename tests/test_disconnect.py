@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
+import select
+import socket
 import time
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -38,6 +42,36 @@ def wait_all_free(server, timeout: float) -> float:
     return time.monotonic() - start
 
 
+def metrics_gauges(server) -> dict[str, float]:
+    """The engine gauges of GET /metrics: running and waiting sequences, KV-cache usage."""
+    text = requests.get(f"{server.base_url}/metrics", timeout=30).text
+    gauges = {}
+    for name in ("xllm_num_requests_running", "xllm_num_requests_waiting",
+                 "xllm_kv_cache_usage_ratio"):  # fmt: skip
+        match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+        assert match, f"{name} missing from /metrics:\n{text}"
+        gauges[name] = float(match.group(1))
+    return gauges
+
+
+def check_running(server, n: int) -> None:
+    """The engine has admitted the request: its n sequences run, none waits, blocks are held;
+    the same seen through /metrics."""
+    during = stats(server)
+    assert during["num_running"] == n, during
+    assert during["num_waiting"] == 0, during
+    assert during["num_free_blocks"] < during["num_total_blocks"], during
+    gauges = metrics_gauges(server)
+    assert gauges["xllm_num_requests_running"] == n, gauges
+    assert gauges["xllm_kv_cache_usage_ratio"] > 0, gauges
+
+
+def check_idle_metrics(server) -> None:
+    gauges = metrics_gauges(server)
+    assert gauges == {"xllm_num_requests_running": 0, "xllm_num_requests_waiting": 0,
+                      "xllm_kv_cache_usage_ratio": 0}, gauges  # fmt: skip
+
+
 def long_request(path: str, n: int) -> dict:
     # 1900 new tokens take far longer than FREE_TIMEOUT_S on this machine.
     body = {"model": MODEL, "max_tokens": 1900, "ignore_eos": True, "stream": True,
@@ -63,6 +97,7 @@ def has_content(line: str) -> bool:
 )
 def test_stream_disconnect_frees_blocks(inproc_server, path, n):
     wait_all_free(inproc_server, 60.0)  # leftovers of earlier tests
+    check_idle_metrics(inproc_server)
     total = stats(inproc_server)["num_total_blocks"]
     with httpx.Client(timeout=120) as client:
         with client.stream("POST", inproc_server.base_url + path, json=long_request(path, n)) as r:
@@ -74,20 +109,67 @@ def test_stream_disconnect_frees_blocks(inproc_server, path, n):
                 if got >= 3:
                     break
             assert got >= 3
-            during = stats(inproc_server)
-            assert during["num_free_blocks"] < total, during
-            assert during["num_running"] + during["num_waiting"] >= 1, during
+            check_running(inproc_server, n)
     # the connection is closed here, long before the request could finish on its own
     wait_all_free(inproc_server, FREE_TIMEOUT_S)
     assert stats(inproc_server)["num_free_blocks"] == total
+    check_idle_metrics(inproc_server)
 
 
-def test_non_streaming_disconnect_frees_blocks(inproc_server):
+def send_raw_post(base_url: str, path: str, body: dict) -> socket.socket:
+    """POST `body` over a plain socket that the test can close at the moment it chooses."""
+    url = urlsplit(base_url)
+    data = json.dumps(body).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {url.netloc}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+    )
+    sock = socket.create_connection((url.hostname, url.port), timeout=30)
+    sock.sendall(head.encode() + data)
+    return sock
+
+
+def answered(sock: socket.socket) -> bytes | None:
+    """What the server sent back so far, or None if it has sent nothing."""
+    readable, _, _ = select.select([sock], [], [], 0)
+    return sock.recv(65536) if readable else None
+
+
+def admitted_raw_request(server, path: str, body: dict, n: int, timeout: float = 60.0):
+    """A raw-socket request the engine is running (n sequences) and has not answered yet."""
+    deadline = time.monotonic() + timeout
+    sock = send_raw_post(server.base_url, path, body)
+    while time.monotonic() < deadline:
+        reply = answered(sock)
+        if reply is not None:
+            sock.close()
+            if b" 429 " not in reply.split(b"\r\n", 1)[0]:
+                pytest.fail(f"answered before it could be seen running: {reply[:500]!r}")
+            time.sleep(0.2)  # the one slot is still held by an earlier request: retry
+            sock = send_raw_post(server.base_url, path, body)
+            continue
+        s = stats(server)
+        if s["num_running"] == n and s["num_free_blocks"] < s["num_total_blocks"]:
+            return sock
+        time.sleep(0.02)
+    sock.close()
+    pytest.fail(f"the request was not seen running within {timeout:.0f} s: {stats(server)}")
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_non_streaming_disconnect_frees_blocks(inproc_server, path):
     wait_all_free(inproc_server, 60.0)
-    body = long_request("/v1/completions", 1) | {"stream": False}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(inproc_server.base_url + "/v1/completions", json=body, timeout=3.0)
+    check_idle_metrics(inproc_server)
+    body = long_request(path, 1) | {"stream": False}
+    sock = admitted_raw_request(inproc_server, path, body, n=1)
+    try:
+        time.sleep(0.5)  # let it decode a few tokens
+        check_running(inproc_server, 1)
+        assert answered(sock) is None, "the request finished before the client left"
+    finally:
+        sock.close()
     wait_all_free(inproc_server, FREE_TIMEOUT_S)
+    check_idle_metrics(inproc_server)
 
 
 def test_server_serves_after_disconnects(inproc_server):
