@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -174,27 +175,51 @@ def hf_prompt_logits(model, prompt_ids: list[int]) -> torch.Tensor:
         return model(torch.tensor([prompt_ids])).logits[0].float()
 
 
-def check_greedy(engine_ids: list[int], ref: Greedy, what: str = "") -> str | None:
-    """None if the engine's tokens equal the reference, else a message naming the difference.
+# A near tie may end a greedy comparison early, but not before this many tokens (or this
+# fraction of them) were compared: a prompt that ties at once checks nothing.
+MIN_COMPARED = 4
+MIN_COMPARED_FRACTION = 0.25
+
+
+def min_compared(num_tokens: int) -> int:
+    """The fewest tokens of a `num_tokens`-token greedy answer a comparison must cover."""
+    return min(num_tokens, max(MIN_COMPARED, math.ceil(num_tokens * MIN_COMPARED_FRACTION)))
+
+
+def compare_greedy(engine_ids: list[int], ref: Greedy, what: str = "") -> tuple[int, str | None]:
+    """(tokens compared, None if the engine's tokens equal the reference, else a message).
 
     A divergence at a step where the reference's logits of both tokens lie within TIE_TOL
-    is a tie broken the other way by rounding: the tokens before it are compared only.
+    is a tie broken the other way by rounding: the tokens before it are compared only,
+    and there must be at least min_compared(len(ref.token_ids)) of them.
     """
     n = len(ref.token_ids)
     if len(engine_ids) != n:
-        return f"{what}: engine gave {len(engine_ids)} tokens, expected {n}"
+        return 0, f"{what}: engine gave {len(engine_ids)} tokens, expected {n}"
     for i, (got, want) in enumerate(zip(engine_ids, ref.token_ids, strict=True)):
         if got != want:
             margin = float(ref.logits[i, want] - ref.logits[i, got])
             if margin <= TIE_TOL:
-                print(f"{what}: near tie at step {i} (margin {margin:.2e}); compared {i} tokens")
-                return None
-            return (
+                need = min_compared(n)
+                print(f"{what}: near tie at step {i} (margin {margin:.2e}); compared {i} of {n}")
+                if i < need:
+                    return i, (
+                        f"{what}: near tie at step {i} (margin {margin:.2e}) leaves only {i} of "
+                        f"{n} tokens compared, fewer than {need}: pick another prompt\n"
+                        f"engine:       {engine_ids}\ntransformers: {ref.token_ids}"
+                    )
+                return i, None
+            return i, (
                 f"{what}: first difference at step {i}: engine {got}, transformers {want} "
                 f"(transformers' logit margin {margin:.4f})\n"
                 f"engine:       {engine_ids}\ntransformers: {ref.token_ids}"
             )
-    return None
+    return n, None
+
+
+def check_greedy(engine_ids: list[int], ref: Greedy, what: str = "") -> str | None:
+    """compare_greedy's message only: None if equal (up to a late enough near tie)."""
+    return compare_greedy(engine_ids, ref, what)[1]
 
 
 def assert_greedy_equal(engine_ids: list[int], ref: Greedy, what: str = "") -> None:

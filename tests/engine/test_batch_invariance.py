@@ -12,7 +12,10 @@ from xllm.engine.sampling_params import SamplingParams
 NEW_TOKENS = 32  # two block boundaries per request: the decodes outgrow the cache
 # 16 prompt lengths from 5 to 300 tokens, in a shuffled order.
 LENGTHS = [162, 5, 300, 64, 25, 241, 103, 182, 44, 280, 123, 84, 221, 143, 261, 202]
-PARAMS = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=1)
+# Top-3 logprobs: the alone run's runner-ups measure how close a divergence was to a tie.
+PARAMS = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=3)
+# Near ties may cut a comparison short for at most this many of the 16 prompts.
+MAX_NEAR_TIES = 3
 COMMON = dict(max_model_len=512, block_size=16, max_num_seqs=16, enable_prefix_caching=False)
 
 
@@ -48,23 +51,37 @@ def alone(roomy_llm, prompts):
 
 
 def assert_same_as_alone(outputs, alone, what: str) -> None:
-    """Token-for-token equality, except after a step that the alone run found a near tie."""
-    failures = []
+    """Token-for-token equality, except after a step that the alone run found a near tie.
+
+    A near tie: the batch's token is among the alone run's top logprobs at that step,
+    within TIE_TOL of the alone run's pick. Most prompts must compare in full.
+    """
+    failures, ties = [], []
     for i, (out, ref) in enumerate(zip(outputs, alone, strict=True)):
         got = out.outputs[0].token_ids
         assert len(got) == NEW_TOKENS, f"{what}: prompt {i} gave {len(got)} tokens"
+        assert len(ref.token_ids) == NEW_TOKENS and len(ref.logprobs) == NEW_TOKENS
         for step, (a, b) in enumerate(zip(got, ref.token_ids, strict=True)):
             if a == b:
                 continue
-            top = ref.logprobs[step].top if ref.logprobs else []
-            gap = top[0][1] - top[1][1] if len(top) >= 2 else float("inf")
-            if gap > TIE_TOL:
+            entry = ref.logprobs[step]
+            assert entry.token_id == b and len(entry.top) == PARAMS.logprobs, what
+            gap = entry.logprob - dict(entry.top).get(a, float("-inf"))
+            if gap <= TIE_TOL:
+                ties.append(f"prompt {i} at step {step} (gap {gap:.2e})")
+            else:
                 failures.append(
-                    f"{what}: prompt {i} (length {LENGTHS[i]}) differs at step {step}\n"
-                    f"  batch: {got}\n  alone: {ref.token_ids}"
+                    f"{what}: prompt {i} (length {LENGTHS[i]}) differs at step {step} "
+                    f"(alone's logprob gap {gap:.4f})\n  batch: {got}\n  alone: {ref.token_ids}"
                 )
             break
     assert not failures, "\n".join(failures)
+    if ties:
+        print(f"{what}: near ties cut the comparison of {', '.join(ties)}")
+    assert len(ties) <= min(MAX_NEAR_TIES, len(outputs) // 4), (
+        f"{what}: only {len(outputs) - len(ties)} of {len(outputs)} prompts compared in full; "
+        f"near ties: {ties}"
+    )
 
 
 def test_batch_of_16_equals_alone(roomy_llm, prompts, alone):
@@ -99,7 +116,14 @@ def test_chunked_prefill_equals_alone(prompts, alone):
 def test_prefix_cache_hits_equal_alone(smol_llm, prompts, alone):
     # The shared engine caches prefixes: the second run reuses the first run's full blocks.
     half = slice(0, None, 2)
+    manager = smol_llm.engine.block_manager
     first = run(smol_llm, prompts[half], PARAMS)
+    hits = manager.hits
     second = run(smol_llm, prompts[half], PARAMS)
+    # Every full block of each prompt (but the last token's) was computed by the first run.
+    cached = sum((len(p) - 1) // manager.block_size for p in prompts[half])
+    assert manager.hits - hits >= cached, (
+        f"the warm run hit {manager.hits - hits} cached blocks, expected {cached}"
+    )
     assert_same_as_alone(first, alone[half], "prefix caching, cold")
     assert_same_as_alone(second, alone[half], "prefix caching, warm")
