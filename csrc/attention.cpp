@@ -22,7 +22,7 @@
 #include "kernels.h"
 #include "simd.h"
 
-namespace xllm {
+namespace xllm::XLLM_ISA {
 namespace {
 
 constexpr int kChunk = 32;         // keys per online-softmax step
@@ -600,4 +600,4 @@ void paged_attention(const AttentionArgs& a) {
   }
 }
 
-}  // namespace xllm
+}  // namespace xllm::XLLM_ISA

@@ -6,6 +6,8 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
+#include <vector>
 
 namespace xllm {
 
@@ -23,24 +25,47 @@ struct AttentionArgs {
   float scale;
 };
 
-void paged_attention(const AttentionArgs& a);
+// The kernels with SIMD code, declared once per instruction-set variant (see simd.h): in
+// xllm::generic, and on x86-64 also xllm::avx2 and xllm::avx512. The functions of the same
+// names directly in xllm run the variant that isa.cpp picked.
+#define XLLM_SIMD_KERNELS                                                                      \
+  void paged_attention(const AttentionArgs& a);                                                \
+  /* logits [N, V] row stride ld; outputs values [N, k], indices [N, k], chosen [N]. */       \
+  void topk_logprobs(const float* logits, int64_t ld, int64_t rows, int64_t vocab, int64_t k,  \
+                     const int64_t* token_ids, float* values, int64_t* indices, float* chosen); \
+  /* y [M, N] = x [M, K] @ weight [N, K]^T (+ bias [N] when not null), all contiguous. */     \
+  void linear(const float* x, const float* weight, const float* bias, float* y, int64_t M,     \
+              int64_t N, int64_t K);
+
+XLLM_SIMD_KERNELS
+namespace generic {
+XLLM_SIMD_KERNELS
+}  // namespace generic
+#if defined(__x86_64__)
+namespace avx2 {
+XLLM_SIMD_KERNELS
+}  // namespace avx2
+namespace avx512 {
+XLLM_SIMD_KERNELS
+}  // namespace avx512
+#endif
+#undef XLLM_SIMD_KERNELS
+
+// The variants this CPU can run, slowest first ("generic" always).
+std::vector<std::string> supported_isas();
+// Makes the named variant run from now on; std::invalid_argument if the CPU lacks it.
+void set_isa(const std::string& name);
+// The variant that runs.
+std::string isa();
 
 // key/value: [T, H_kv, D] with token stride *_stride; caches [num_blocks, block_size, H_kv, D].
 void write_kv(const float* key, int64_t key_stride, const float* value, int64_t value_stride,
               float* k_cache, float* v_cache, const void* slot_mapping, bool slots_int64,
               int64_t num_tokens, int64_t row_size, int64_t num_slots);
 
-// logits [N, V] row stride ld; outputs values [N, k], indices [N, k], chosen [N].
-void topk_logprobs(const float* logits, int64_t ld, int64_t rows, int64_t vocab, int64_t k,
-                   const int64_t* token_ids, float* values, int64_t* indices, float* chosen);
-
 // beam_scores [G, W]; cand_* [G, W, C]; outputs [G, K].
 void beam_prune(const float* beam_scores, const int64_t* cand_tokens, const float* cand_logprobs,
                 int64_t groups, int64_t width, int64_t cands, int64_t num_keep, int64_t* parents,
                 int64_t* tokens, float* scores);
-
-// y [M, N] = x [M, K] @ weight [N, K]^T (+ bias [N] when not null), all contiguous.
-void linear(const float* x, const float* weight, const float* bias, float* y, int64_t M,
-            int64_t N, int64_t K);
 
 }  // namespace xllm

@@ -1,11 +1,16 @@
 // The pybind11 module xllm._C: binds the CPU kernels, taking raw data pointers and sizes.
 //
 // The Python side (xllm/ops/cpu.py) checks dtypes, devices and layouts and passes
-// tensor.data_ptr() values; the kernels run with the GIL released.
-#include <omp.h>
+// tensor.data_ptr() values; the kernels run with the GIL released. XLLM_CPU_ISA (generic,
+// avx2, avx512) picks the instruction-set variant of the SIMD kernels at import, else the
+// best the CPU supports runs; `set_isa` switches it later (tests).
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
 
 #include "kernels.h"
 
@@ -79,5 +84,16 @@ PYBIND11_MODULE(_C, m) {
       },
       py::call_guard<py::gil_scoped_release>(),
       "y = x @ weight^T (+ bias; pass 0 for none); see xllm.ops.reference.");
-  m.def("num_threads", []() { return omp_get_max_threads(); }, "OpenMP threads the kernels use.");
+  m.def("supported_isas", &xllm::supported_isas,
+        "Instruction-set variants of the SIMD kernels this CPU runs, slowest first.");
+  m.def("set_isa", &xllm::set_isa, "Run the named variant from now on (ValueError if unsupported).");
+  m.def("isa", &xllm::isa, "The variant of the SIMD kernels that runs.");
+  const char* forced = std::getenv("XLLM_CPU_ISA");
+  if (forced != nullptr && *forced != '\0') {
+    try {
+      xllm::set_isa(forced);
+    } catch (const std::invalid_argument& e) {
+      throw std::invalid_argument(std::string("XLLM_CPU_ISA: ") + e.what());
+    }
+  }
 }

@@ -1,17 +1,45 @@
-// 16-lane float vectors (GCC vector extensions) and the few vector maths the kernels need.
+// One instruction-set variant of the SIMD kernels: 16-lane float vectors (GCC vector
+// extensions) and the few vector maths the kernels need.
 //
-// The same code compiles to one AVX-512 register, two AVX2 registers or four SSE
-// registers, whichever -march allows.
+// attention.cpp, linear.cpp and topk.cpp are compiled once per variant (setup.py): with
+// XLLM_ISA_AVX512 or XLLM_ISA_AVX2 defined (x86-64 only), or neither for the portable
+// baseline; isa.cpp picks one at run time. Each variant's code lives in its own namespace,
+// xllm::XLLM_ISA, so that no inline function is shared between variants. The instruction
+// set is switched on by the pragma below, not by -m flags: the standard library, included
+// before this header (include it last), stays baseline code, since the linker keeps one
+// copy of each std template instantiation and that copy must run on every CPU.
+// A vector is one AVX-512 register. Without AVX-512, GCC has no machine mode for 64-byte
+// vectors and keeps them in memory: the AVX2 and baseline variants are correct, but 4 to 20
+// times slower than AVX-512 (they need a lane width of their own to be fast).
 #pragma once
 
 #include <cstdint>
 #include <limits>
 
-#if defined(__AVX512F__)
+#if defined(XLLM_ISA_AVX512)
 #include <immintrin.h>
 #endif
 
-namespace xllm {
+// The feature lists match the run-time checks in isa.cpp.
+#if defined(XLLM_ISA_AVX512)
+#pragma GCC target("avx2,fma,avx512f,avx512bw,avx512dq,avx512vl")
+#define XLLM_ISA avx512
+#elif defined(XLLM_ISA_AVX2)
+#pragma GCC target("avx2,fma")
+#define XLLM_ISA avx2
+#else
+#define XLLM_ISA generic
+#endif
+
+// GCC 12 takes the deliberately undefined registers of its AVX-512 intrinsics (`__Y = __Y`)
+// for uninitialized variables once they are inlined under a target pragma (the baseline build
+// of this same code still gets the warning).
+#if defined(XLLM_ISA_AVX512)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+namespace xllm::XLLM_ISA {
 
 constexpr int kLanes = 16;
 
@@ -31,7 +59,7 @@ inline VecF vmax(VecF a, VecF b) { return a > b ? a : b; }
 inline VecF vmin(VecF a, VecF b) { return a < b ? a : b; }
 
 inline float hsum(VecF v) {
-#if defined(__AVX512F__)
+#if defined(XLLM_ISA_AVX512)
   return _mm512_reduce_add_ps(reinterpret_cast<__m512>(v));
 #else
   float s = 0.0f;
@@ -41,7 +69,7 @@ inline float hsum(VecF v) {
 }
 
 inline float hmax(VecF v) {
-#if defined(__AVX512F__)
+#if defined(XLLM_ISA_AVX512)
   return _mm512_reduce_max_ps(reinterpret_cast<__m512>(v));
 #else
   float m = v[0];
@@ -50,15 +78,19 @@ inline float hmax(VecF v) {
 #endif
 }
 
-// r[i] = sum of the lanes of v[i], for 16 vectors at once.
+// r[i] = sum of the lanes of v[i], for 16 vectors at once; only the first N are read, the
+// others taken as zeros (lane i of r depends on v[i] alone, in the same order for any N).
+template <int N = kLanes>
 inline VecF hsum16(const VecF* v) {
-#if defined(__AVX512F__)
+  static_assert(0 < N && N <= kLanes, "1 to 16 vectors");
+#if defined(XLLM_ISA_AVX512)
   // Transpose-and-add in three steps; inputs are taken in the order that makes the
   // result land in natural order (the last step leaves lane 4k + m holding input 4m + k).
+  const auto in = [v](int i) { return i < N ? reinterpret_cast<__m512>(v[i]) : __m512{}; };
   __m512 w[8], z[4];
   for (int i = 0; i < 8; ++i) {
     const int a = ((2 * i) % 4) * 4 + (2 * i) / 4, b = ((2 * i + 1) % 4) * 4 + (2 * i + 1) / 4;
-    const __m512 x = reinterpret_cast<__m512>(v[a]), y = reinterpret_cast<__m512>(v[b]);
+    const __m512 x = in(a), y = in(b);
     w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x, y, _MM_SHUFFLE(1, 0, 1, 0)),
                          _mm512_shuffle_f32x4(x, y, _MM_SHUFFLE(3, 2, 3, 2)));
   }
@@ -71,8 +103,8 @@ inline VecF hsum16(const VecF* v) {
       _mm512_add_ps(_mm512_shuffle_ps(u01, u23, _MM_SHUFFLE(1, 0, 1, 0)),
                     _mm512_shuffle_ps(u01, u23, _MM_SHUFFLE(3, 2, 3, 2))));
 #else
-  VecF r;
-  for (int i = 0; i < kLanes; ++i) r[i] = hsum(v[i]);
+  VecF r{};
+  for (int i = 0; i < N; ++i) r[i] = hsum(v[i]);
   return r;
 #endif
 }
@@ -101,4 +133,4 @@ inline VecF exp2v(VecF x) {
   return p * scale;
 }
 
-}  // namespace xllm
+}  // namespace xllm::XLLM_ISA

@@ -14,7 +14,7 @@
 #include "kernels.h"
 #include "simd.h"
 
-namespace xllm {
+namespace xllm::XLLM_ISA {
 namespace {
 
 constexpr int64_t kMinSlice = 16384;  // fewest logits per slice when a row is split
@@ -53,7 +53,7 @@ struct TopList {
 };
 
 inline bool any_greater(VecF v, VecF t) {
-#if defined(__AVX512F__)
+#if defined(XLLM_ISA_AVX512)
   return _mm512_cmp_ps_mask(reinterpret_cast<__m512>(v), reinterpret_cast<__m512>(t),
                             _CMP_GT_OQ) != 0;
 #else
@@ -202,4 +202,4 @@ void topk_logprobs(const float* logits, int64_t ld, int64_t rows, int64_t vocab,
   }
 }
 
-}  // namespace xllm
+}  // namespace xllm::XLLM_ISA

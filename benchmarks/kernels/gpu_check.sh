@@ -40,7 +40,7 @@ if ! $PY -c "import xllm_triton, xllm.ops.cuda" 2>/dev/null; then
     SHIM=$(mktemp -d)
     ln -s "$PWD/kernels" "$SHIM/xllm_triton"
     export PYTHONPATH="$PWD:$SHIM${PYTHONPATH:+:$PYTHONPATH}"
-    echo "using the source tree (PYTHONPATH=$PYTHONPATH); the C++ tests will skip"
+    echo "using the source tree (PYTHONPATH=$PYTHONPATH); the C++ tests fail with the import error"
 fi
 $PY -c "import xllm.ops.cuda as c; print('xllm.ops.cuda ok, interpreted:', c.INTERPRETED)"
 

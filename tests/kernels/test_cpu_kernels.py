@@ -1,14 +1,28 @@
-"""The C++ (CPU) kernels against the torch reference over shapes and edge cases."""
+"""The C++ (CPU) kernels against the torch reference over shapes and edge cases.
+
+Every test runs once per instruction-set variant this CPU supports (the `cpu_isa` fixture):
+on an AVX-512 host the AVX-512, AVX2 and baseline builds of the SIMD kernels all run.
+"""
 
 import math
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
 
-pytest.importorskip("xllm._C", reason="the C++ extension is not built (pip install -e .)")
+from xllm import ops
+from xllm.ops import reference
 
-from xllm import ops  # noqa: E402
-from xllm.ops import cpu, reference  # noqa: E402
+try:
+    from xllm.ops import cpu
+    from xllm.ops.cpu import _C
+except ImportError:  # the suite must not pass without them: cpu_isa fails every test
+    cpu = _C = None
+
+pytestmark = pytest.mark.usefixtures("cpu_isa")
 
 # float32 tolerances: attention sums products of O(1) values over up to a few
 # thousand keys in another order (and with FMA); logprobs differ by the order of
@@ -140,6 +154,51 @@ def test_dispatch_picks_cpp_for_cpu_tensors():
     assert ops.backend_for(torch.zeros(1)) is cpu
     with ops.use_backend("reference"):
         assert ops.backend_for(torch.zeros(1)) is reference
+
+
+# ---------------------------------------------------------------- instruction-set variants
+
+
+def cpu_flags() -> set[str]:
+    """The CPU features Linux reports (those the OS supports too); empty elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def test_variants_match_the_cpu(cpu_isa):
+    flags = cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo flags to compare with")
+    want = ["generic"]
+    if platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= flags:
+        want.append("avx2")
+        if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
+            want.append("avx512")
+    assert _C.supported_isas() == want
+    assert _C.isa() == cpu_isa
+
+
+def run_import(isa: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "XLLM_CPU_ISA": isa}
+    code = "import xllm._C as c; print(c.isa())"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+
+
+def test_env_forces_a_variant(cpu_isa):
+    run = run_import(cpu_isa)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == cpu_isa
+    run = run_import("sse9")
+    assert run.returncode != 0
+    assert "XLLM_CPU_ISA: instruction set 'sse9' is not one this CPU runs" in run.stderr
+    with pytest.raises(ValueError, match="'sse9'"):
+        _C.set_isa("sse9")
 
 
 # ---------------------------------------------------------------- write_kv

@@ -1,14 +1,23 @@
-"""The C++ skinny GEMM (`xllm.ops.cpu.linear`) against the torch reference."""
+"""The C++ skinny GEMM (`xllm.ops.cpu.linear`) against the torch reference.
+
+Every test runs once per instruction-set variant this CPU supports (the `cpu_isa` fixture).
+"""
 
 import functools
 
 import pytest
 import torch
 
-pytest.importorskip("xllm._C", reason="the C++ extension is not built (pip install -e .)")
+from xllm import ops
+from xllm.ops import reference
 
-from xllm import _C, ops  # noqa: E402
-from xllm.ops import cpu, reference  # noqa: E402
+try:
+    from xllm.ops import cpu
+    from xllm.ops.cpu import _C
+except ImportError:  # the suite must not pass without them: cpu_isa fails every test
+    cpu = _C = None
+
+pytestmark = pytest.mark.usefixtures("cpu_isa")
 
 # float32, rtol 1e-4 / atol 1e-4: weights are scaled by 1/sqrt(K) as in a trained layer, so
 # outputs are O(1); the kernel sums K products in 16 lanes and a tree, torch (MKL) in
@@ -18,6 +27,8 @@ TOL = {"rtol": 1e-4, "atol": 1e-4}
 ROWS = [1, 2, 3, 5, 8, 16, 17, 31, 32, 33, 64, 200]
 DEPTHS = [8, 64, 576, 1536, 1000]  # 1000: not a multiple of the 16 SIMD lanes
 OUTPUTS = [1, 3, 17, 960, 4099]  # 1, 3, 17, 4099: not a multiple of the 4-row W tile
+# Depths whose last step is masked, K % 16 = 1, 7, 9, 15, 1, 1, 4 (1 to 15: only that step).
+TAIL_DEPTHS = [1, 7, 9, 15, 17, 33, 100]
 
 
 @functools.cache
@@ -48,7 +59,25 @@ def test_matches_reference(kernel_for_all_rows, m, k, n):
         torch.testing.assert_close(got, reference.linear(x, weight, b), **TOL)
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 576, 4099), (5, 1000, 17), (33, 8, 3), (64, 1536, 960)])
+@pytest.mark.parametrize("n", [1, 5, 16, 19, 1001])
+@pytest.mark.parametrize("k", TAIL_DEPTHS)
+@pytest.mark.parametrize("m", [1, 2, 4, 7, 17])
+def test_masked_depth_tail(kernel_for_all_rows, m, k, n):
+    """K not a multiple of the SIMD width: the masked last step, alone or after full ones.
+
+    Rows of x and W lie back to back, so a tail that read past its row would add the next
+    row's values (1001 outputs: enough work for several threads).
+    """
+    weight, bias = weights(k, n)
+    x = activations(m, k, seed=2)
+    for b in (None, bias):
+        torch.testing.assert_close(cpu.linear(x, weight, b), reference.linear(x, weight, b), **TOL)
+
+
+@pytest.mark.parametrize(
+    "m,k,n",
+    [(1, 576, 4099), (5, 1000, 17), (33, 8, 3), (64, 1536, 960), (3, 7, 19), (17, 33, 1001)],
+)
 def test_writes_every_output(m, k, n):
     """Called directly on a NaN-filled output: a skipped element would stay NaN."""
     weight, bias = weights(k, n)

@@ -314,7 +314,7 @@ AOT_SCRIPT = r"""
 import contextlib, sys
 import torch
 import xllm.ops.cuda as tri
-from xllm_triton import aot
+import triton_aot as aot
 
 assert not tri.INTERPRETED
 names = ("paged_attention_kernel", "reduce_splits_kernel", "write_kv_kernel",
@@ -367,7 +367,12 @@ def test_kernels_compile_for_hopper():
     pytest.importorskip("triton.backends.nvidia")
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
     run = subprocess.run(
-        [sys.executable, "-c", AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", AOT_SCRIPT],
+        cwd=os.path.dirname(os.path.abspath(__file__)),  # the folder of triton_aot.py
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     print(run.stdout)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]

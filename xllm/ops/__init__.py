@@ -2,18 +2,24 @@
 
 The choice follows the tensors' device: CUDA tensors go to the Triton kernels,
 CPU tensors to the C++ kernels when the extension is built, else to the
-reference. `use_backend("reference" | "cpp" | "triton")` overrides it for
-tests and benchmarks.
+reference. A backend that is not installed (the extension not built, triton
+missing) falls back to the reference with one logged warning; one that is
+installed but fails to import raises, since serving slowly through the
+reference would hide a broken build. `use_backend("reference" | "cpp" |
+"triton")` overrides the choice for tests and benchmarks.
 """
 
 import contextlib
 import importlib
+import logging
 from collections.abc import Iterator
 from types import ModuleType
 
 import torch
 
 from xllm.ops import reference
+
+logger = logging.getLogger(__name__)
 
 _override: str | None = None
 _modules: dict[str, ModuleType | None] = {}
@@ -24,7 +30,8 @@ def _load(name: str) -> ModuleType | None:
     if name not in _modules:
         try:
             _modules[name] = importlib.import_module(_MODULE_NAMES[name])
-        except ImportError:
+        except ModuleNotFoundError as error:
+            logger.warning("%s kernels unavailable, the torch reference serves: %s", name, error)
             _modules[name] = None
     return _modules[name]
 

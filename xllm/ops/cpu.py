@@ -1,9 +1,16 @@
-"""The C++ (CPU) kernels of csrc/ behind the reference signatures; checks layouts, then calls."""
+"""The C++ (CPU) kernels of csrc/ behind the reference signatures; checks layouts, then calls.
+
+xllm._C runs the best instruction-set variant of its SIMD kernels that the CPU supports
+(`_C.isa()`); XLLM_CPU_ISA=generic|avx2|avx512 forces one at import, `_C.set_isa` later.
+"""
 
 import torch
 import torch.nn.functional as F
 
-from xllm import _C
+try:
+    import xllm._C as _C
+except ModuleNotFoundError as error:
+    raise ModuleNotFoundError(f"{error} (pip install -e . builds it)", name=error.name) from error
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 

@@ -1,10 +1,10 @@
 """Compile recorded Triton launches ahead of time for a GPU target, on a machine without a GPU.
 
-A check, not a runtime path: with TRITON_INTERPRET unset, swap a kernel for a
-`LaunchRecorder`, run the Python wrapper on CPU tensors, then `compile_launch`
-each recorded launch for, say, sm_90. It specializes arguments the way the JIT
-does at launch (pointer alignment, integers equal to 1 or divisible by 16), so
-type errors and shape limits that the interpreter does not check show up here.
+A tool of test_triton_kernels.py, not of the package: with TRITON_INTERPRET unset,
+swap a kernel for a `LaunchRecorder`, run the Python wrapper on CPU tensors, then
+`compile_launch` each recorded launch for, say, sm_90. It specializes arguments the
+way the JIT does at launch (pointer alignment, integers equal to 1 or divisible by
+16), so type errors and shape limits that the interpreter does not check show up here.
 Uses Triton internals (`create_function_from_signature`, `_pack_args`).
 """
 
