@@ -158,6 +158,12 @@ def running_inproc_server(max_concurrent_requests: int) -> Iterator[InProcessSer
 
 
 @pytest.fixture(scope="session")
+def start_inproc_server():
+    """`running_inproc_server`, for tests that need an in-process server of their own."""
+    return running_inproc_server
+
+
+@pytest.fixture(scope="session")
 def inproc_server() -> Iterator[InProcessServer]:
     """The in-process server, limited to one request at once."""
     with running_inproc_server(max_concurrent_requests=1) as server:

@@ -5,7 +5,8 @@ import json
 
 import pytest
 import requests
-from conftest import SERVED_MODEL_NAME, running_inproc_server
+
+MODEL = "Qwen2-7B-Instruct"
 
 
 class EngineThreadKilled(BaseException):
@@ -13,8 +14,8 @@ class EngineThreadKilled(BaseException):
 
 
 @pytest.fixture(scope="module")
-def server():
-    with running_inproc_server(max_concurrent_requests=4) as srv:
+def server(start_inproc_server):
+    with start_inproc_server(max_concurrent_requests=4) as srv:
         yield srv
 
 
@@ -32,7 +33,7 @@ def fail_after(monkeypatch, engine, steps: int, error: BaseException) -> None:
 
 
 def stream_events(base_url: str) -> list:
-    body = {"model": SERVED_MODEL_NAME, "prompt": "Once upon a time", "max_tokens": 64,
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 64,
             "temperature": 0, "ignore_eos": True, "stream": True}
     events = []
     with requests.post(f"{base_url}/v1/completions", json=body, stream=True, timeout=120) as r:
@@ -56,7 +57,7 @@ def test_a_failed_step_ends_the_stream_with_an_error_then_done(server, monkeypat
     assert requests.get(f"{server.base_url}/health", timeout=30).status_code == 200
     stats = server.engine.stats()
     assert stats["num_free_blocks"] == stats["num_total_blocks"]
-    body = {"model": SERVED_MODEL_NAME, "prompt": "hello", "max_tokens": 4}
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 4}
     assert requests.post(f"{server.base_url}/v1/completions", json=body,
                          timeout=120).status_code == 200
 
@@ -69,7 +70,7 @@ def test_a_dead_engine_thread_ends_streams_and_makes_health_503(server, monkeypa
     health = requests.get(f"{server.base_url}/health", timeout=30)
     assert health.status_code == 503
     assert health.json()["status"] == "unhealthy" and "died" in health.json()["reason"]
-    body = {"model": SERVED_MODEL_NAME, "max_tokens": 4,
+    body = {"model": MODEL, "max_tokens": 4,
             "messages": [{"role": "user", "content": "hi"}]}
     resp = requests.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=60)
     assert resp.status_code == 503 and resp.json()["error"]["code"] == "UNAVAILABLE"
