@@ -5,7 +5,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
-from xllm.api.errors import ASLEEP, APIError, from_engine_error
+from xllm.api.errors import APIError, from_engine_error
 from xllm.api.metrics import Metrics
 from xllm.config import ServerConfig
 from xllm.engine.errors import EngineError, RequestFailedError
@@ -32,13 +32,6 @@ class ServingContext:
                 404, f"The model '{name}' does not exist; this server serves '{self.model_name}'.",
                 "model",
             )
-
-    def check_ready(self) -> None:
-        if not self.engine.is_healthy():
-            reason = self.engine.dead_reason or "engine is not running"
-            raise APIError(503, f"The server cannot take requests now: {reason}")
-        if self.engine.is_sleeping:
-            raise APIError(503, ASLEEP)
 
     def acquire(self) -> None:
         """Count one more request in flight, or 429 when the limit is reached."""

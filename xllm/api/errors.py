@@ -14,8 +14,6 @@ from xllm.engine.errors import (
     InvalidParameter,
 )
 
-ASLEEP = "The model is asleep; POST /wakeup to serve requests again."
-
 # HTTP status -> (status name used as `code`, OpenAI error `type`)
 _KINDS: dict[int, tuple[str, str]] = {
     400: ("INVALID_ARGUMENT", "invalid_request_error"),
@@ -75,9 +73,9 @@ def from_engine_error(exc: EngineError, names: dict[str, str] | None = None) -> 
         exc = exc.renamed(names or {})
         return invalid(exc.message, exc.param)
     if isinstance(exc, EngineSleepingError):
-        return APIError(503, ASLEEP)
+        return APIError(503, "The model is asleep; POST /wakeup to serve requests again.")
     if isinstance(exc, EngineDeadError):
-        return APIError(503, "The engine is not running.")
+        return APIError(503, f"The server cannot take requests now: {exc}")
     if isinstance(exc, EngineBusyError):
         return invalid(str(exc))
     return APIError(500, "Internal server error.")

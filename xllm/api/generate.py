@@ -111,7 +111,6 @@ async def serve_generation(
     ctx.check_model(req.model)
     gen = await prepare(ctx, req)
     request_id = new_request_id(gen.renderer.id_prefix)
-    ctx.check_ready()
     ctx.acquire()
     try:
         streams = _add_requests(ctx, request_id, gen)

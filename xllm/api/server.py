@@ -126,8 +126,6 @@ def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
         return Response(text, media_type=None, headers={"Content-Type": CONTENT_TYPE})
 
     def check_idle(action: str) -> None:
-        if not engine.is_healthy():
-            raise APIError(503, "The engine is not running.")
         if ctx.in_flight:
             raise invalid(f"cannot {action} while {ctx.in_flight} request(s) are in flight; "
                           "retry when they are done")

@@ -61,14 +61,13 @@ async def _close(gen) -> None:
 
 
 async def merged_outputs(
-    streams: Sequence[OutputStream], timer: RequestTimer | None = None
+    streams: Sequence[OutputStream], timer: RequestTimer
 ) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """(stream index, output) pairs of the engine streams, as they come; `timer` (if
-    given) sees each output's arrival. An engine error of any stream is raised here."""
+    """(stream index, output) pairs of the engine streams, as they come; `timer` sees
+    each output's arrival. An engine error of any stream is raised here."""
     if len(streams) == 1:
         async for out in streams[0]:
-            if timer is not None:
-                timer.output(0)
+            timer.output(0)
             yield 0, out
         return
 
@@ -93,8 +92,7 @@ async def merged_outputs(
             if out is None:
                 remaining -= 1
                 continue
-            if timer is not None:
-                timer.output(i)
+            timer.output(i)
             yield i, out
     finally:
         for task in tasks:

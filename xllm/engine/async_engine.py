@@ -20,7 +20,6 @@ from typing import Any
 from xllm.config import EngineConfig
 from xllm.engine.errors import (
     EngineDeadError,
-    EngineError,
     EngineSleepingError,
     InvalidParameter,
     RequestFailedError,
@@ -105,9 +104,6 @@ class RequestStream:
         if not self.finished:
             self.finished = True
             self._engine.abort(self.request_id)
-
-    async def aclose(self) -> None:
-        self.close()
 
 
 class AsyncEngine:
@@ -279,10 +275,7 @@ class AsyncEngine:
             elif stopped:
                 continue
             elif isinstance(message, AddRequest):
-                try:
-                    self.engine.add_request(message.request_id, message.prompt, message.params)
-                except EngineError as error:
-                    self._fail([message.request_id], error)
+                self.engine.add_request(message.request_id, message.prompt, message.params)
             else:
                 self.engine.abort_request(message.request_id)
 

@@ -86,9 +86,7 @@ class LLMEngine:
         return {k: values[k] for k in SAMPLING_DEFAULTS if values.get(k) is not None}
 
     def add_request(self, request_id: str, prompt: PromptInput, params: SamplingParams) -> None:
-        """Queue a request that `processor.check` has passed."""
-        if request_id in self.requests:
-            raise InvalidParameter("request_id", f"request id {request_id} is already in use")
+        """Queue a request that `processor.check` has passed, under an id not in use."""
         seqs = [
             Sequence(request_id, i, prompt, params,
                      generator=None if params.seed is None else seeded_generator(params.seed, i))
