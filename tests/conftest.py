@@ -123,8 +123,10 @@ INPROC_NUM_BLOCKS = 256
 
 
 @contextlib.contextmanager
-def running_inproc_server(max_concurrent_requests: int) -> Iterator[InProcessServer]:
-    """Engine + app built in this process (uvicorn in a thread) on the default model."""
+def running_inproc_server(max_concurrent_requests: int, **server_fields
+                          ) -> Iterator[InProcessServer]:
+    """Engine + app built in this process (uvicorn in a thread) on the default model;
+    `server_fields` are further ServerConfig fields (api_key, max_request_bytes, ...)."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     import uvicorn
 
@@ -140,7 +142,8 @@ def running_inproc_server(max_concurrent_requests: int) -> Iterator[InProcessSer
     engine = AsyncEngine(config)
     engine.start()
     app = build_app(engine, ServerConfig(SERVED_MODEL_NAME,
-                                         max_concurrent_requests=max_concurrent_requests))
+                                         max_concurrent_requests=max_concurrent_requests,
+                                         **server_fields))
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")

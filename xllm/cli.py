@@ -33,6 +33,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number: {text}")
+    return value
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """A comma-separated list ('a.com,b.com'); empty items are dropped."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
 def served_model_name(model: str, given: str | None) -> str:
     """--served-model-name, else the model path's basename, else the default model's name."""
     if given:
@@ -85,7 +97,24 @@ def build_parser() -> argparse.ArgumentParser:
     add("--disable-prefix-caching", action="store_true",
         help="do not reuse the KV blocks of shared prompt prefixes")
     add("--max-concurrent-requests", type=_positive_int, default=server.max_concurrent_requests,
-        help="requests in flight at once; more are answered 429 RESOURCE_EXHAUSTED")
+        help="sequences in flight at once (each choice, prompt and beam counts); more are "
+        "answered 429 RESOURCE_EXHAUSTED")
+    add("--max-n", type=_positive_int, default=defaults.max_n,
+        help="most choices (`n`) of one request")
+    add("--max-request-bytes", type=parse_size, default=server.max_request_bytes,
+        help="largest request body; larger ones are answered 413; accepts suffixes like 4M")
+    add("--request-body-timeout", type=_positive_float, default=server.request_body_timeout,
+        help="seconds a client may take to send its whole request body")
+    add("--api-key", default=os.environ.get("XLLM_API_KEY"),
+        help="require `Authorization: Bearer KEY` on /v1/*, /sleep and /wakeup (default: "
+        "$XLLM_API_KEY; unset: the server is open)")
+    add("--allowed-origins", type=_names, default=server.allowed_origins,
+        help="comma-separated origins allowed by CORS ('*' for any); default: no CORS")
+    add("--allowed-hosts", type=_names, default=server.allowed_hosts,
+        help="comma-separated Host header values accepted (against DNS rebinding); "
+        "default: any")
+    add("--shutdown-timeout", type=_positive_float, default=server.shutdown_timeout,
+        help="on SIGTERM, seconds the requests in flight get to finish")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"],
         help="log level of the server and the engine")
     return parser
@@ -104,6 +133,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         seed=args.seed,
         enable_prefix_caching=not args.disable_prefix_caching,
         num_threads=args.num_threads,
+        max_n=args.max_n,
     )
 
 
@@ -113,6 +143,12 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         host=args.host,
         port=args.port,
         max_concurrent_requests=args.max_concurrent_requests,
+        max_request_bytes=args.max_request_bytes,
+        request_body_timeout=args.request_body_timeout,
+        api_key=args.api_key or None,
+        allowed_origins=args.allowed_origins,
+        allowed_hosts=args.allowed_hosts,
+        shutdown_timeout=args.shutdown_timeout,
     )
 
 

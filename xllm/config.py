@@ -17,6 +17,7 @@ class EngineConfig:
     seed: int = 0
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # torch intra-op threads; None: all cores
+    max_n: int = 128  # most choices of one request (OpenAI's limit)
 
 
 @dataclass
@@ -24,4 +25,10 @@ class ServerConfig:
     served_model_name: str
     host: str = "127.0.0.1"
     port: int = 9977
-    max_concurrent_requests: int = 256
+    max_concurrent_requests: int = 256  # sequences in flight: choices, prompts and beams
+    max_request_bytes: int = 4 << 20  # larger bodies are answered 413
+    request_body_timeout: float = 30.0  # seconds to receive a whole body
+    api_key: str | None = None  # None: the server is open to anyone who can reach it
+    allowed_origins: tuple[str, ...] = ()  # CORS; empty: no CORS headers
+    allowed_hosts: tuple[str, ...] = ()  # accepted Host headers; empty: any
+    shutdown_timeout: float = 30.0  # seconds in-flight requests get to finish on SIGTERM

@@ -1,4 +1,4 @@
-"""What every handler needs: the engine, the served name, and the in-flight request limit."""
+"""What every handler needs: the engine, the served name, and the in-flight sequence limit."""
 
 import logging
 import time
@@ -13,13 +13,16 @@ from xllm.engine.protocol import EngineClient
 
 logger = logging.getLogger("xllm.api")
 
+RETRY_AFTER_S = 1  # what a 429 tells the client to wait
+
 
 @dataclass
 class ServingContext:
     engine: EngineClient
     config: ServerConfig
     created: int = field(default_factory=lambda: int(time.time()))
-    in_flight: int = 0
+    in_flight: int = 0  # sequences (choices of every prompt) of the requests in flight
+    draining: bool = False  # set on shutdown: no new request is taken
     metrics: Metrics = field(default_factory=Metrics)
 
     @property
@@ -33,15 +36,22 @@ class ServingContext:
                 "model",
             )
 
-    def acquire(self) -> None:
-        """Count one more request in flight, or 429 when the limit is reached."""
+    def acquire(self, count: int = 1) -> None:
+        """Count `count` more sequences in flight; 503 while shutting down, 429 when they
+        would pass the limit (a request larger than the limit is a 400: it never fits)."""
+        if self.draining:
+            raise APIError(503, "The server is shutting down and takes no new requests.")
         limit = self.config.max_concurrent_requests
-        if self.in_flight >= limit:
-            raise APIError(429, f"Too many requests in flight (limit {limit}); retry later.")
-        self.in_flight += 1
+        if count > limit:
+            raise APIError(400, f"This request needs {count} sequences (prompts times n), "
+                           f"more than the server runs at once ({limit}).", "n")
+        if self.in_flight + count > limit:
+            raise APIError(429, f"Too many sequences in flight (limit {limit}); retry later.",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
+        self.in_flight += count
 
-    def release(self) -> None:
-        self.in_flight = max(0, self.in_flight - 1)
+    def release(self, count: int = 1) -> None:
+        self.in_flight = max(0, self.in_flight - count)
 
 
 def api_error(exc: BaseException, request_id: str, names: dict[str, str] | None = None

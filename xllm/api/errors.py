@@ -27,11 +27,13 @@ _KINDS: dict[int, tuple[str, str]] = {
 class APIError(Exception):
     """An error the server answers with; `status` picks the code (400, 404, 429, 500, 503)."""
 
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
+        self.headers = headers
 
     def body(self) -> dict:
         code, kind = _KINDS.get(self.status, ("INVALID_ARGUMENT", "invalid_request_error"))
@@ -43,7 +45,8 @@ def invalid(message: str, param: str | None = None) -> APIError:
 
 
 def error_response(err: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=int(err.status), headers=headers)
+    return JSONResponse(err.body(), status_code=int(err.status),
+                        headers={**(err.headers or {}), **(headers or {})})
 
 
 def error_event(err: APIError) -> str:

@@ -96,6 +96,11 @@ class Generation:
     renderer: Renderer
     param_names: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def num_seqs(self) -> int:
+        """Sequences this generation runs: what it counts against the in-flight limit."""
+        return len(self.prompts) * self.params.n
+
 
 Req = TypeVar("Req", bound=SamplingRequest)
 
@@ -111,11 +116,11 @@ async def serve_generation(
     ctx.check_model(req.model)
     gen = await prepare(ctx, req)
     request_id = new_request_id(gen.renderer.id_prefix)
-    ctx.acquire()
+    ctx.acquire(gen.num_seqs)
     try:
         streams = _add_requests(ctx, request_id, gen)
     except Exception as exc:
-        ctx.release()
+        ctx.release(gen.num_seqs)
         raise api_error(exc, request_id, gen.param_names) from None
     prompt_tokens = sum(len(p) for p in gen.prompts)
     logger.info("%s: %s, %d prompt(s) of %s tokens, n=%d, max_tokens=%s, stream=%s", request_id,
@@ -180,7 +185,7 @@ class _Job:
         self._closed = True
         for stream in self.streams:
             stream.close()
-        self.ctx.release()
+        self.ctx.release(self.gen.num_seqs)
 
     def _news(self, prompt_index: int, out: RequestOutput) -> list[ChoiceNews]:
         if out.prompt_logprobs is not None:

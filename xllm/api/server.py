@@ -113,6 +113,9 @@ def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        if ctx.draining:
+            return JSONResponse({"status": "unhealthy", "reason": "shutting down"},
+                                status_code=503)
         if engine.is_healthy():
             # awake: exactly API.md's body; asleep: still healthy, and says so
             return JSONResponse({"status": "healthy", "sleeping": True} if engine.is_sleeping
