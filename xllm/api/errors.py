@@ -40,6 +40,15 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": kind, "code": code, "param": self.param}}
 
 
+QUOTE_LIMIT = 40  # characters of a client's value an error message may quote
+
+
+def quoted(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """`value`'s repr for an error message, cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def invalid(message: str, param: str | None = None) -> APIError:
     return APIError(HTTPStatus.BAD_REQUEST, message, param)
 

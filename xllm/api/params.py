@@ -3,7 +3,7 @@ model's defaults for unset fields. The ranges are checked by the engine, once.""
 
 from typing import Any
 
-from xllm.api.errors import invalid
+from xllm.api.errors import invalid, quoted
 from xllm.api.protocol import SamplingRequest
 from xllm.engine.sampling_params import SamplingParams
 
@@ -32,7 +32,8 @@ def _logit_bias(req: SamplingRequest) -> dict[int, float] | None:
         try:
             bias[int(key)] = value
         except ValueError:
-            raise invalid(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
+            raise invalid(f"logit_bias keys must be token ids, got {quoted(key)}",
+                          "logit_bias") from None
     return bias
 
 
