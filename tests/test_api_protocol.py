@@ -15,6 +15,7 @@ from xllm.api.params import build_sampling_params, check_beam_fields
 from xllm.api.protocol import ChatCompletionRequest, CompletionRequest
 from xllm.api.streaming import ChunkWriter
 from xllm.cli import build_parser, parse_size, served_model_name
+from xllm.config import EngineConfig
 from xllm.engine.errors import InvalidParameter
 from xllm.engine.outputs import TokenLogprob
 from xllm.engine.processor import InputProcessor
@@ -35,7 +36,7 @@ def params_for(req, defaults=None, max_tokens=16, logprobs=None):
 
 def check(prompt_len: int, params, max_model_len: int = 128) -> None:
     """The engine's request check (no tokenizer needed), as the API answers it."""
-    processor = InputProcessor(None, max_model_len, VOCAB)
+    processor = InputProcessor(None, max_model_len, VOCAB, EngineConfig().max_n)
     try:
         processor.check(PromptInput.of([1] * prompt_len), params)
     except InvalidParameter as exc:

@@ -92,10 +92,20 @@ def has_content(line: str) -> bool:
     return False
 
 
+@pytest.fixture(scope="module")
+def pair_server(start_inproc_server):
+    """An in-process server that runs two sequences at once (an n=2 request)."""
+    with start_inproc_server(max_concurrent_requests=2) as server:
+        yield server
+
+
 @pytest.mark.parametrize(
-    ("path", "n"), [("/v1/chat/completions", 1), ("/v1/completions", 2)], ids=["chat", "n2"]
+    ("path", "n", "server"),
+    [("/v1/chat/completions", 1, "inproc_server"), ("/v1/completions", 2, "pair_server")],
+    ids=["chat", "n2"],
 )
-def test_stream_disconnect_frees_blocks(inproc_server, path, n):
+def test_stream_disconnect_frees_blocks(request, path, n, server):
+    inproc_server = request.getfixturevalue(server)
     wait_all_free(inproc_server, 60.0)  # leftovers of earlier tests
     check_idle_metrics(inproc_server)
     total = stats(inproc_server)["num_total_blocks"]

@@ -6,6 +6,8 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Callable
+from types import FrameType
 
 from xllm.config import EngineConfig, ServerConfig
 from xllm.model.loader import DEFAULT_NAME
@@ -152,23 +154,57 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     )
 
 
+# After the drain, how long the answers that end the last requests get to be written.
+_CLOSE_GRACE_S = 3.0
+_POLL_S = 0.1
+
+
 def _server_class(base: type) -> type:
     class EngineServer(base):
-        """A uvicorn server that shuts the engine down as part of its own shutdown (uvicorn
-        re-raises SIGTERM/SIGINT once it is done, so a `finally` later may never run)."""
+        """A uvicorn server that drains on SIGTERM/SIGINT: while its socket still listens, new
+        requests get 503 and those in flight get `shutdown_timeout` seconds to finish; the
+        engine then ends the rest (503 or a final SSE error event), and the process exits 0.
+        A second signal skips that wait."""
 
-        def __init__(self, config, engine) -> None:
+        def __init__(self, config, engine, ctx, shutdown_timeout: float) -> None:
             super().__init__(config)
             self.engine = engine
+            self.ctx = ctx
+            self.shutdown_timeout = shutdown_timeout
+            self.skip_wait = False
 
-        async def shutdown(self, sockets=None) -> None:
-            try:
-                await super().shutdown(sockets)
-            finally:
-                self.engine.shutdown()
-                logger.info("engine shut down")
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            # Unlike uvicorn's: the signal is not raised again at the end (the exit status would
+            # be 143), and a second one sets no force_exit, so the last answers still get written.
+            self.skip_wait = self.should_exit
+            self.should_exit = True
+
+        async def main_loop(self) -> None:
+            await super().main_loop()
+            await self.drain()
+
+        async def drain(self) -> None:
+            """Take no new request, wait for those in flight, then end what is left."""
+            ctx = self.ctx
+            ctx.draining = True
+            logger.info("shutting down: taking no new requests; %d sequence(s) in flight, "
+                        "waiting up to %g s", ctx.in_flight, self.shutdown_timeout)
+            await _wait_until(lambda: not ctx.in_flight or self.skip_wait, self.shutdown_timeout)
+            if ctx.in_flight:
+                why = "second signal" if self.skip_wait else "shutdown timeout"
+                logger.info("%s: ending the %d sequence(s) still in flight", why, ctx.in_flight)
+                await asyncio.to_thread(self.engine.shutdown)
+                await _wait_until(lambda: not ctx.in_flight, _CLOSE_GRACE_S)
+            logger.info("drained; %d sequence(s) left in flight", ctx.in_flight)
 
     return EngineServer
+
+
+async def _wait_until(done: Callable[[], bool], seconds: float) -> None:
+    """Poll `done()` until it is true, at most `seconds`."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not done() and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(_POLL_S)
 
 
 async def _run_server(server, ready_message: str) -> None:
@@ -195,9 +231,10 @@ def serve(args: argparse.Namespace) -> int:
         app = build_app(engine, server_conf)
         uv_config = uvicorn.Config(
             app, host=server_conf.host, port=server_conf.port, log_level=args.log_level,
-            timeout_graceful_shutdown=5,
+            timeout_graceful_shutdown=_CLOSE_GRACE_S,
         )
-        server = _server_class(uvicorn.Server)(uv_config, engine)
+        server = _server_class(uvicorn.Server)(uv_config, engine, app.state.ctx,
+                                               server_conf.shutdown_timeout)
         blocks = engine.stats().get("num_total_blocks")
         ready = (f"xllm ready: model {config.model} served as {server_conf.served_model_name} "
                  f"on http://{server_conf.host}:{server_conf.port} "

@@ -139,3 +139,28 @@ def test_finish_frees_blocks_wherever_the_sequence_is():
         assert x.status is Status.FINISHED and x.block_table == []
     assert not s.running and not s.waiting and not s.held
     assert bm.num_free_blocks == 16
+
+
+def test_admission_is_fair_between_requests():
+    """A request of many choices does not hold back one that came after it: each free slot
+    goes to the request with the fewest sequences running."""
+    s = Scheduler(BlockManager(64, BS), max_num_seqs=3, max_num_batched_tokens=64)
+    many = [seq("many", 2, index=i) for i in range(6)]
+    for choice in many:
+        s.add(choice)
+    s.add(seq("one", 2))
+    assert chunks(step(s)) == [("many", 2), ("one", 2), ("many", 2)]
+    for done in [item.seq for item in s.schedule().scheduled][:2]:  # two slots free up
+        s.finish(done)
+    s.add(seq("late", 2))
+    admitted = [name for name, _ in chunks(s.schedule())][1:]
+    assert admitted == ["late", "many"]  # "late" runs nothing yet: it goes first
+
+
+def test_max_tokens_zero_samples_nothing():
+    s = Scheduler(BlockManager(64, BS), max_num_seqs=8, max_num_batched_tokens=64)
+    scored = seq("score", 5, max_tokens=0, prompt_logprobs=1)
+    scored.prompt_logprobs = [None]  # as the engine starts it
+    s.add(scored)
+    plan = step(s)
+    assert plan.sampled == [] and plan.num_rows == 4  # prompt rows only

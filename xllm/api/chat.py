@@ -4,7 +4,12 @@ from xllm.api.context import ServingContext
 from xllm.api.errors import invalid
 from xllm.api.generate import Choice, ChoiceNews, Generation, Renderer
 from xllm.api.logprobs import chat_logprobs
-from xllm.api.params import build_sampling_params, check_beam_fields
+from xllm.api.params import (
+    build_sampling_params,
+    check_beam_fields,
+    check_max_tokens,
+    check_unserved,
+)
 from xllm.api.protocol import ChatCompletionRequest, ChatMessage
 from xllm.engine.tokenizer import Tokenizer
 
@@ -84,14 +89,18 @@ class ChatRenderer(Renderer):
 
 async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> Generation:
     check_beam_fields(req)
+    check_unserved(req)
     engine = ctx.engine
     prompt = await engine.chat_prompt(template_messages(req.messages),
                                       req.add_generation_prompt is not False)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     use_completion_tokens = req.max_completion_tokens is not None
+    max_tokens = req.max_completion_tokens if use_completion_tokens else req.max_tokens
+    check_max_tokens(max_tokens, "max_completion_tokens" if use_completion_tokens
+                     else "max_tokens")
     params = build_sampling_params(
         req, defaults=engine.default_params, logprobs=logprobs,
-        max_tokens=req.max_completion_tokens if use_completion_tokens else req.max_tokens,
+        max_tokens=max_tokens,
     )
     names = {"prompt": "messages", "logprobs": "top_logprobs"}
     if use_completion_tokens:

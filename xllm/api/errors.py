@@ -17,7 +17,14 @@ from xllm.engine.errors import (
 # HTTP status -> (status name used as `code`, OpenAI error `type`)
 _KINDS: dict[int, tuple[str, str]] = {
     400: ("INVALID_ARGUMENT", "invalid_request_error"),
+    401: ("UNAUTHENTICATED", "authentication_error"),
     404: ("UNKNOWN", "not_found_error"),
+    # gRPC's UNIMPLEMENTED: the method is not supported on this path
+    405: ("UNIMPLEMENTED", "invalid_request_error"),
+    # the client did not send its body in time
+    408: ("DEADLINE_EXCEEDED", "invalid_request_error"),
+    413: ("INVALID_ARGUMENT", "invalid_request_error"),
+    415: ("INVALID_ARGUMENT", "invalid_request_error"),
     429: ("RESOURCE_EXHAUSTED", "rate_limit_error"),
     500: ("INTERNAL", "internal_error"),
     503: ("UNAVAILABLE", "service_unavailable_error"),
@@ -25,7 +32,7 @@ _KINDS: dict[int, tuple[str, str]] = {
 
 
 class APIError(Exception):
-    """An error the server answers with; `status` picks the code (400, 404, 429, 500, 503)."""
+    """An error the server answers with; `status` picks the code (see `_KINDS`)."""
 
     def __init__(self, status: int, message: str, param: str | None = None,
                  headers: dict[str, str] | None = None) -> None:

@@ -10,6 +10,7 @@ client leaves (499), engine errors, and releasing everything at the end.
 
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import ClassVar, TypeVar
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from xllm.api import guards
 from xllm.api.context import ServingContext, api_error
 from xllm.api.errors import error_event
 from xllm.api.metrics import RequestTimer, request_timer
@@ -28,7 +30,6 @@ from xllm.api.streaming import (
     ClientDisconnected,
     EventStream,
     merged_outputs,
-    new_request_id,
     until_disconnect,
     usage_dict,
 )
@@ -115,10 +116,10 @@ async def serve_generation(
     timer = request_timer(request.scope, ctx.metrics)
     ctx.check_model(req.model)
     gen = await prepare(ctx, req)
-    request_id = new_request_id(gen.renderer.id_prefix)
+    request_id = guards.request_id(request.scope, gen.renderer.id_prefix)
     ctx.acquire(gen.num_seqs)
     try:
-        streams = _add_requests(ctx, request_id, gen)
+        streams = _add_requests(ctx, _engine_id(request_id, request.scope), gen)
     except Exception as exc:
         ctx.release(gen.num_seqs)
         raise api_error(exc, request_id, gen.param_names) from None
@@ -142,6 +143,14 @@ async def serve_generation(
     finally:
         job.close()
     return JSONResponse(body, headers=headers)
+
+
+def _engine_id(request_id: str, scope: dict) -> str:
+    """The engine's id of a request: its own id, made unique when the client chose it (a
+    client may send the same X-Request-Id twice)."""
+    if guards.header_request_id(scope) is None:
+        return request_id
+    return f"{request_id}/{uuid.uuid4().hex[:8]}"
 
 
 def _add_requests(ctx: ServingContext, request_id: str, gen: Generation) -> list[OutputStream]:

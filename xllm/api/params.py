@@ -4,7 +4,7 @@ model's defaults for unset fields. The ranges are checked by the engine, once.""
 from typing import Any
 
 from xllm.api.errors import invalid, quoted
-from xllm.api.protocol import SamplingRequest
+from xllm.api.protocol import ChatCompletionRequest, SamplingRequest
 from xllm.engine.sampling_params import SamplingParams
 
 
@@ -22,6 +22,29 @@ def check_beam_fields(req: SamplingRequest) -> None:
         raise invalid("beam_width must be at least 1", "beam_width")
     if req.beam_width > 1:
         raise invalid("beam search is not supported yet", "beam_width")
+
+
+def check_unserved(req: ChatCompletionRequest) -> None:
+    """Tools, function calls and response formats are not served: a request that asks for
+    them is refused rather than answered as if it had not."""
+    asked = {
+        "tools": bool(req.tools),
+        "functions": bool(req.functions),
+        "tool_choice": req.tool_choice not in (None, "none"),
+        "function_call": req.function_call not in (None, "none"),
+        "response_format": req.response_format is not None
+        and req.response_format != {"type": "text"},
+    }
+    for name, used in asked.items():
+        if used:
+            raise invalid(f"{name} is not supported by this server", name)
+
+
+def check_max_tokens(value: int | None, param: str, scoring: bool = False) -> None:
+    """At least 1 token to generate; 0 only to score the prompt (completions' echo)."""
+    if value is not None and value < (0 if scoring else 1):
+        need = "non-negative" if scoring else "at least 1 (0 only with echo, on completions)"
+        raise invalid(f"{param} must be {need}", param)
 
 
 def _logit_bias(req: SamplingRequest) -> dict[int, float] | None:

@@ -61,6 +61,12 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     add_generation_prompt: bool | None = None
+    # Not served yet: refused when they ask for anything (see params.check_unserved).
+    tools: Any = None
+    functions: Any = None
+    tool_choice: Any = None
+    function_call: Any = None
+    response_format: Any = None
 
 
 class CompletionRequest(SamplingRequest):

@@ -8,28 +8,32 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from xllm.api.chat import prepare_chat
 from xllm.api.completions import prepare_completion
-from xllm.api.context import ServingContext, api_error, log_internal_error
-from xllm.api.errors import APIError, error_response, from_validation_error, invalid
+from xllm.api.context import ServingContext, api_error
+from xllm.api.errors import APIError, error_response, from_validation_error, invalid, quoted
 from xllm.api.generate import serve_generation
+from xllm.api.guards import add_guards, request_id
 from xllm.api.metrics import CONTENT_TYPE, MetricsMiddleware
 from xllm.api.protocol import ChatCompletionRequest, CompletionRequest
-from xllm.api.streaming import new_request_id
 from xllm.config import ServerConfig
 from xllm.engine.protocol import EngineClient
 
 logger = logging.getLogger("xllm.api")
 
 
-async def guarded(work):
+CLIENT_CLOSED = 499  # nginx's status for a request whose client went away; no body is sent
+
+
+async def guarded(request: Request, work):
     """Await a handler; a typed engine error becomes its answer, any other fault that is
     not an APIError a logged 500."""
     try:
         return await work
     except Exception as exc:
-        raise api_error(exc, new_request_id("req")) from None
+        raise api_error(exc, request_id(request.scope)) from None
 
 
 async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
@@ -48,14 +52,39 @@ async def sleep_level(request: Request) -> int:
         return 1
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep
         raise invalid("malformed JSON body") from None
     if not isinstance(data, dict):
         raise invalid("the body must be a JSON object")
     level = data.get("level", 1)
-    if isinstance(level, bool) or level not in (1, 2):
-        raise invalid("level must be 1 or 2", "level")
+    if type(level) is not int or level not in (1, 2):  # not True, not 1.0
+        raise invalid(f"level must be the integer 1 or 2, got {quoted(level)}", "level")
     return level
+
+
+class InternalErrors:
+    """Pure ASGI middleware: a fault of a route becomes a logged 500 with the OpenAI body
+    here, so that it never reaches the server's own log, which would print its message
+    (and a message may quote a prompt)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        started = False
+
+        async def send_marked(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_marked)
+        except Exception as exc:
+            if scope["type"] != "http" or started:
+                raise
+            err = api_error(exc, request_id(scope))
+            await error_response(err)(scope, receive, send)
 
 
 def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
@@ -64,7 +93,9 @@ def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="xllm", docs_url=None, redoc_url=None, openapi_url=None)
     ctx = ServingContext(engine, config)
     app.state.ctx = ctx
-    app.add_middleware(MetricsMiddleware, metrics=ctx.metrics)
+    app.add_middleware(InternalErrors)  # innermost: a route's fault never reaches uvicorn
+    add_guards(app, config)
+    app.add_middleware(MetricsMiddleware, metrics=ctx.metrics)  # outermost: counts all
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -78,25 +109,28 @@ def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         status = exc.status_code
         err = APIError(status, str(exc.detail))
+        route = quoted(f"{request.method} {request.url.path}")
         if status == 404:
-            err.message = f"no route {request.method} {request.url.path}"
+            err.message = f"No route {route}."
+        elif status == 405:
+            err.message = f"Method not allowed: {route}."
         return error_response(err, headers=getattr(exc, "headers", None))
 
-    @app.exception_handler(Exception)
-    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-        request_id = new_request_id("req")
-        log_internal_error(exc, request_id)
-        return error_response(APIError(500, f"Internal server error (request {request_id})."))
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        logger.info("request %s: client went away before its body was read",
+                    request_id(request.scope))
+        return Response(status_code=CLIENT_CLOSED)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         req = await parse_body(request, ChatCompletionRequest)
-        return await guarded(serve_generation(ctx, request, req, prepare_chat))
+        return await guarded(request, serve_generation(ctx, request, req, prepare_chat))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         req = await parse_body(request, CompletionRequest)
-        return await guarded(serve_generation(ctx, request, req, prepare_completion))
+        return await guarded(request, serve_generation(ctx, request, req, prepare_completion))
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -137,14 +171,14 @@ def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     async def sleep(request: Request) -> JSONResponse:
         level = await sleep_level(request)
         check_idle("sleep")
-        await guarded(engine.sleep(level))  # a request slipped in: EngineBusyError, a 400
+        await guarded(request, engine.sleep(level))  # a request slipped in: EngineBusyError, a 400
         logger.info("model asleep (level %d)", level)
         return JSONResponse({"status": "sleeping", "level": level})
 
     @app.post("/wakeup")
-    async def wakeup() -> JSONResponse:
+    async def wakeup(request: Request) -> JSONResponse:
         check_idle("wake up")
-        await guarded(engine.wake_up())
+        await guarded(request, engine.wake_up())
         logger.info("model awake")
         return JSONResponse({"status": "awake"})
 

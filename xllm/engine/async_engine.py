@@ -1,6 +1,7 @@
 """The async front: the engine runs in its own thread; each request gets an async stream.
 
-Text becomes checked prompts here (the processor, on the caller's side); requests,
+Text becomes checked prompts here (the processor, in a worker thread of its own, so that
+no prompt holds up the event loop: /health and every other stream); requests,
 aborts, sleep and wake-up reach the engine thread as typed messages through one
 queue, and each step's outputs come back to the event loop in one call. A stream
 closed before its request finished (client gone, cancelled) aborts the request,
@@ -14,6 +15,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,6 +124,8 @@ class AsyncEngine:
         self._sleeping = False
         self._sleep_lock = asyncio.Lock()
         self._stats = self.engine.stats()
+        # One worker: the Hugging Face tokenizer is not meant to be shared between threads.
+        self._text_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xllm-text")
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -139,6 +143,7 @@ class AsyncEngine:
             self._thread.join(timeout=10)
         if self._dead_reason is None:
             self._dead_reason = "the engine is shut down"
+        self._text_worker.shutdown(wait=False, cancel_futures=True)
 
     def is_healthy(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
@@ -162,10 +167,14 @@ class AsyncEngine:
 
     async def chat_prompt(self, messages: list[dict], add_generation_prompt: bool) -> PromptInput:
         """The prompt of a conversation under the model's chat template."""
-        return self.processor.chat(messages, add_generation_prompt)
+        return await self._off_loop(self.processor.chat, messages, add_generation_prompt)
 
     async def text_prompt(self, text: str) -> PromptInput:
-        return self.processor.text(text)
+        return await self._off_loop(self.processor.text, text)
+
+    async def _off_loop(self, fn: Callable[..., PromptInput], *args: Any) -> PromptInput:
+        self._check_running()
+        return await asyncio.get_running_loop().run_in_executor(self._text_worker, fn, *args)
 
     def add_request(
         self, request_id: str, prompt: PromptInput, params: SamplingParams
@@ -252,11 +261,9 @@ class AsyncEngine:
             started = time.perf_counter()
             try:
                 outputs = engine.step()
-            except Exception as error:  # a fault of the server: fail what is in flight
+            except Exception as error:  # outside any one request's share: fail them all
                 logger.exception("engine step failed; aborting %d requests", len(engine.requests))
-                failed = RequestFailedError("the engine failed while serving this request")
-                failed.__cause__ = error
-                self._fail_all(failed)
+                self._fail_all(_failed(error))
                 continue
             self._stats = engine.stats()
             if outputs:
@@ -316,7 +323,7 @@ class AsyncEngine:
             for out in outputs:
                 stream = self._streams.get(out.request_id)
                 if stream is not None:
-                    stream.put(out)
+                    stream.put(out if out.error is None else _failed(out.error))
 
         self._on_loop(push)
 
@@ -326,3 +333,10 @@ class AsyncEngine:
                 self._loop.call_soon_threadsafe(fn)
             except RuntimeError:  # the loop is closed: nobody is listening
                 pass
+
+
+def _failed(cause: BaseException) -> RequestFailedError:
+    """What a request's stream gets when the engine failed while serving it."""
+    failed = RequestFailedError("the engine failed while serving this request")
+    failed.__cause__ = cause
+    return failed

@@ -3,6 +3,7 @@
 import itertools
 
 from xllm.config import EngineConfig
+from xllm.engine.errors import RequestFailedError
 from xllm.engine.llm_engine import LLMEngine
 from xllm.engine.outputs import CompletionOutput, RequestOutput
 from xllm.engine.sampling_params import SamplingParams
@@ -41,6 +42,8 @@ class LLM:
             )
         while self.engine.has_unfinished():
             for out in self.engine.step():
+                if out.error is not None:
+                    raise RequestFailedError(f"request {out.request_id} failed") from out.error
                 total = results[out.request_id]
                 total.finished = out.finished
                 if out.prompt_logprobs is not None:

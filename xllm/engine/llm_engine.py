@@ -19,7 +19,7 @@ from xllm.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from xllm.engine.processor import InputProcessor
 from xllm.engine.sampler import Sampler, seeded_generator
 from xllm.engine.sampling_params import SamplingParams
-from xllm.engine.scheduler import Scheduler
+from xllm.engine.scheduler import ScheduledSeq, Scheduler, StepPlan, plan_rows
 from xllm.engine.sequence import Sequence
 from xllm.engine.tokenizer import Tokenizer
 from xllm.inputs import PromptInput
@@ -46,6 +46,16 @@ class Request:
         return all(s.finished for s in self.seqs)
 
 
+@dataclass
+class StepResult:
+    """What a step computed, before any sequence takes it: per scheduled sequence its
+    prompt logprobs; per sampled sequence its token and logprob."""
+
+    prompt_logprobs: list[list[TokenLogprob]]
+    tokens: list[int]
+    logprobs: list[TokenLogprob | None]
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -66,7 +76,8 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
         )
-        self.processor = InputProcessor(self.tokenizer, self.max_model_len, self.runner.vocab_size)
+        self.processor = InputProcessor(self.tokenizer, self.max_model_len, self.runner.vocab_size,
+                                        config.max_n)
         self.sampler = Sampler(config.seed)
         self.requests: dict[str, Request] = {}
         self.default_params = self._generation_defaults()
@@ -120,42 +131,118 @@ class LLMEngine:
         return bool(self.requests)
 
     def step(self) -> list[RequestOutput]:
+        """Run one step. A fault while computing it fails only the requests that cause it:
+        the step's requests are then computed apart, and those that still fail end with
+        their error while the others go on."""
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             return []
+        try:
+            parts = [(plan, self._compute(plan))]
+        except Exception:
+            logger.warning("a step of %d requests failed; computing them apart",
+                           len({item.seq.request_id for item in plan.scheduled}))
+            parts, outputs = self._compute_apart(plan)
+        else:
+            outputs = []
+        for part, computed in parts:
+            outputs += self._apply(part, computed)
+        for out in outputs:
+            if out.finished:
+                self.requests.pop(out.request_id, None)
+        return outputs
+
+    def _compute(self, plan: StepPlan) -> StepResult:
+        """The model's forward pass and sampling for `plan`, changing no sequence."""
         logits = self.runner.run(plan.inputs())
-        for item in plan.scheduled:
-            if item.prompt_rows:
-                rows = item.prompt_rows
-                self._add_prompt_logprobs(item.seq, logits[rows.start : rows.stop])
+        prompt_logprobs = [
+            self._prompt_logprobs(item.seq, logits[item.prompt_rows.start : item.prompt_rows.stop])
+            if item.prompt_rows else [] for item in plan.scheduled
+        ]
         sampled = plan.sampled
         tokens, logprobs = [], []
         if sampled:
             sample_rows = [item.sample_row for item in sampled]
             rows = logits if len(sample_rows) == plan.num_rows else logits[sample_rows]
             tokens, logprobs = self.sampler(rows, [item.seq for item in sampled])
+        return StepResult(prompt_logprobs, tokens, logprobs)
+
+    def _compute_apart(self, plan: StepPlan
+                       ) -> tuple[list[tuple[StepPlan, StepResult]], list[RequestOutput]]:
+        """Compute each request's share of `plan` alone; fail the requests whose share
+        raises. Returns the parts that went through and the failed requests' outputs."""
+        shares: dict[str, list[tuple[Sequence, int]]] = {}
         for item in plan.scheduled:
-            item.seq.num_computed += item.num_new_tokens
-            self.block_manager.commit(item.seq)
-        news: dict[str, list[CompletionOutput]] = {}
-        for item, token, logprob in zip(sampled, tokens, logprobs):
-            news.setdefault(item.seq.request_id, []).append(self._append(item.seq, token, logprob))
-        outputs = [self._output(self.requests[rid], outs) for rid, outs in news.items()]
-        for out in outputs:
-            if out.finished:
-                del self.requests[out.request_id]
+            shares.setdefault(item.seq.request_id, []).append((item.seq, item.num_new_tokens))
+        parts, failed = [], []
+        for request_id, chunks in shares.items():
+            part = plan_rows(chunks)
+            try:
+                parts.append((part, self._compute(part)))
+            except Exception as exc:
+                failed.append(self._fail(request_id, exc))
+        return parts, failed
+
+    def _fail(self, request_id: str, error: BaseException) -> RequestOutput:
+        """End a request with `error`, freeing its blocks."""
+        logger.error("request %s failed in the engine step (%s)", request_id,
+                     type(error).__name__, exc_info=error)
+        request = self.requests[request_id]
+        self.abort_request(request_id)
+        return RequestOutput(request_id, list(request.prompt.token_ids), [], True, error=error)
+
+    def _apply(self, plan: StepPlan, result: StepResult) -> list[RequestOutput]:
+        """Advance the sequences of `plan` by what `result` computed for them, request by
+        request; a request that faults here ends with its error."""
+        samples = {id(item): pair for item, pair in
+                   zip(plan.sampled, zip(result.tokens, result.logprobs))}
+        shares: dict[str, list[tuple[ScheduledSeq, list[TokenLogprob], tuple | None]]] = {}
+        for item, prompt_logprobs in zip(plan.scheduled, result.prompt_logprobs):
+            shares.setdefault(item.seq.request_id, []).append(
+                (item, prompt_logprobs, samples.get(id(item))))
+        outputs = []
+        for request_id, share in shares.items():
+            try:
+                news = [out for item, lps, sample in share
+                        if (out := self._advance(item, lps, sample)) is not None]
+            except Exception as exc:
+                outputs.append(self._fail(request_id, exc))
+                continue
+            if news:
+                outputs.append(self._output(self.requests[request_id], news))
         return outputs
 
-    def _add_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> None:
+    def _advance(self, item: ScheduledSeq, prompt_logprobs: list[TokenLogprob],
+                 sample: tuple[int, TokenLogprob | None] | None) -> CompletionOutput | None:
+        """One sequence takes its share of a step; its news, if any."""
+        seq = item.seq
+        if prompt_logprobs:
+            seq.prompt_logprobs.extend(prompt_logprobs)
+        seq.num_computed += item.num_new_tokens
+        self.block_manager.commit(seq)
+        if sample is not None:
+            return self._append(seq, *sample)
+        if seq.params.max_tokens == 0 and seq.prompt_computed:
+            return self._end_scored(seq)
+        return None
+
+    def _end_scored(self, seq: Sequence) -> CompletionOutput:
+        """Finish a sequence that generates nothing (max_tokens 0: its prompt is scored)."""
+        seq.finish_reason = "length"
+        self.scheduler.finish(seq)
+        return CompletionOutput(seq.index, "", [], None if seq.params.logprobs is None else [],
+                                "length")
+
+    def _prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> list[TokenLogprob]:
+        """The logprobs of the prompt tokens that follow the rows of `logits`."""
         first = len(seq.prompt_logprobs)
         targets = torch.tensor(seq.token_ids[first : first + logits.shape[0]], dtype=torch.long)
         k = max(1, seq.params.prompt_logprobs)
         values, indices, chosen = ops.topk_logprobs(logits, k, targets)
         n = seq.params.prompt_logprobs
-        for t, c, vals, ids in zip(
-            targets.tolist(), chosen.tolist(), values.tolist(), indices.tolist()
-        ):
-            seq.prompt_logprobs.append(TokenLogprob(t, c, list(zip(ids[:n], vals[:n]))))
+        return [TokenLogprob(t, c, list(zip(ids[:n], vals[:n])))
+                for t, c, vals, ids in zip(targets.tolist(), chosen.tolist(), values.tolist(),
+                                           indices.tolist())]
 
     def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> CompletionOutput:
         """Append a sampled token, check the stop conditions, and say what is new."""

@@ -35,6 +35,7 @@ class RequestOutput:
 
     `prompt_logprobs` (first output only, when asked for) has one entry per
     prompt token; the first is None, as the first token has no context.
+    `error` is set when the engine failed while serving the request, which is over.
     """
 
     request_id: str
@@ -42,3 +43,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    error: BaseException | None = None

@@ -1,5 +1,8 @@
 """Text in, checked prompts out: the chat template, tokenization, and every rule a request
-must meet before it reaches the engine (each checked here, once)."""
+must meet before it reaches the engine (each checked here, once).
+
+A text too long for the context by its character count alone is refused before it is
+tokenized: no token covers more than `tokenizer.max_token_chars` characters."""
 
 from xllm.engine.errors import InvalidParameter
 from xllm.engine.sampling_params import SamplingParams
@@ -8,13 +11,23 @@ from xllm.inputs import PromptInput
 
 
 class InputProcessor:
-    def __init__(self, tokenizer: Tokenizer, max_model_len: int, vocab_size: int) -> None:
+    def __init__(self, tokenizer: Tokenizer, max_model_len: int, vocab_size: int,
+                 max_n: int) -> None:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size  # the model's: what its embedding and logits cover
+        self.max_n = max_n
+
+    def _check_chars(self, num_chars: int, param: str) -> None:
+        if num_chars > self.max_model_len * self.tokenizer.max_token_chars:
+            raise InvalidParameter(
+                param, f"This model's maximum context length is {self.max_model_len} tokens; "
+                f"{num_chars} characters cannot fit in it.")
 
     def chat(self, messages: list[dict], add_generation_prompt: bool = True) -> PromptInput:
         """The prompt of a conversation ({"role", "content"} dicts) under the chat template."""
+        texts = [m.get("content") for m in messages]
+        self._check_chars(sum(len(t) for t in texts if isinstance(t, str)), "messages")
         try:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt)
         except InvalidParameter:
@@ -26,18 +39,21 @@ class InputProcessor:
 
     def text(self, text: str) -> PromptInput:
         """The prompt of a plain text (with the tokenizer's special tokens, e.g. BOS)."""
+        self._check_chars(len(text), "prompt")
         return PromptInput.of(self.tokenizer.encode(text, add_special_tokens=True))
 
     def check(self, prompt: PromptInput, params: SamplingParams) -> None:
         """Raise InvalidParameter if this request cannot be served as asked."""
         params.validate()
+        if params.n > self.max_n:
+            raise InvalidParameter("n", f"n must be at most {self.max_n}")
         n, limit, vocab = len(prompt), self.max_model_len, self.vocab_size
         if n == 0:
             raise InvalidParameter("prompt", "the prompt is empty")
-        for token_id in prompt.token_ids:
+        for i, token_id in enumerate(prompt.token_ids):
             if not 0 <= token_id < vocab:
                 raise InvalidParameter(
-                    "prompt", f"prompt token id {token_id} is out of range [0, {vocab})")
+                    "prompt", f"prompt token id at position {i} is out of range [0, {vocab})")
         if n >= limit:
             raise InvalidParameter(
                 "prompt", f"This model's maximum context length is {limit} tokens, "
@@ -49,7 +65,5 @@ class InputProcessor:
                 f"{n + params.max_tokens} tokens.")
         for param, ids in (("logit_bias", params.logit_bias or {}),
                            ("stop_token_ids", params.stop_token_ids)):
-            for token_id in ids:
-                if not 0 <= token_id < vocab:
-                    raise InvalidParameter(
-                        param, f"{param}: token id {token_id} is out of range [0, {vocab})")
+            if any(not 0 <= token_id < vocab for token_id in ids):
+                raise InvalidParameter(param, f"{param}: a token id is out of range [0, {vocab})")

@@ -73,7 +73,8 @@ class Sampler:
     def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Mask what top_k, top_p and min_p rule out (the best token always stays)."""
         vocab = logits.shape[1]
-        top_k = torch.tensor([s.params.top_k if s.params.top_k > 0 else vocab for s in seqs])
+        top_k = torch.tensor([min(s.params.top_k, vocab) if s.params.top_k > 0 else vocab
+                              for s in seqs])
         top_p = torch.tensor([s.params.top_p for s in seqs], dtype=logits.dtype)
         min_p = torch.tensor([s.params.min_p for s in seqs], dtype=logits.dtype)
         values, order = logits.sort(dim=-1, descending=True)

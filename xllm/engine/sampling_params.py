@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 from xllm.engine.errors import InvalidParameter
 
 MAX_LOGPROBS = 20
+MAX_TEMPERATURE = 2.0  # OpenAI's range
+GREEDY_BELOW = 1e-5  # temperatures below this are greedy (dividing by them overflows)
 SEED_RANGE = (-(2**63), 2**64 - 1)
 
 
@@ -13,7 +15,8 @@ class SamplingParams:
     """What to generate and when to stop; validated by `validate()`.
 
     `max_tokens=None` means: until the end of the context; unset, it is 16, as in
-    OpenAI's completions API.
+    OpenAI's completions API; 0 only computes the prompt (to score it with
+    `prompt_logprobs`). `top_k` above the vocabulary means the whole vocabulary.
     `logprobs=None` means no logprobs; 0 the chosen token only; k also the top k.
     `prompt_logprobs` likewise for the prompt tokens (completions' `echo`).
     """
@@ -39,7 +42,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def needs_penalties(self) -> bool:
@@ -50,17 +53,20 @@ class SamplingParams:
         )
 
     def validate(self) -> None:
-        """Raise InvalidParameter naming the first field out of range."""
+        """Raise InvalidParameter naming the first field out of range (NaN and infinities
+        are out of every range)."""
         checks = [
             (self.n >= 1, "n", "must be at least 1"),
-            (self.temperature >= 0.0, "temperature", "must be non-negative"),
+            (0.0 <= self.temperature <= MAX_TEMPERATURE, "temperature",
+             f"must be in [0, {MAX_TEMPERATURE:g}]"),
             (0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]"),
             (self.top_k == -1 or self.top_k >= 1, "top_k", "must be -1 (off) or at least 1"),
             (0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]"),
             (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be in [-2, 2]"),
             (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be in [-2, 2]"),
-            (self.repetition_penalty > 0.0, "repetition_penalty", "must be positive"),
-            (self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be at least 1"),
+            (0.0 < self.repetition_penalty <= 2.0, "repetition_penalty", "must be in (0, 2]"),
+            (self.max_tokens is None or self.max_tokens >= 0, "max_tokens",
+             "must be non-negative"),
             (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
              "logprobs", f"must be in [0, {MAX_LOGPROBS}]"),
             (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
@@ -71,7 +77,6 @@ class SamplingParams:
         for ok, param, requirement in checks:
             if not ok:
                 raise InvalidParameter.must(param, requirement)
-        for token_id, bias in (self.logit_bias or {}).items():
+        for bias in (self.logit_bias or {}).values():
             if not -100.0 <= bias <= 100.0:
-                raise InvalidParameter(
-                    "logit_bias", f"logit_bias for token {token_id} must be in [-100, 100]")
+                raise InvalidParameter("logit_bias", "logit_bias values must be in [-100, 100]")

@@ -12,7 +12,7 @@ The result is a `StepPlan`: per sequence, its tokens of this step and which
 rows of the step's logits are its own.
 """
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from xllm.engine.block_manager import BlockManager
@@ -69,7 +69,7 @@ def plan_rows(chunks: list[tuple[Sequence, int]]) -> StepPlan:
             offsets = [p - start for p in range(first, min(end, seq.num_prompt_tokens - 1))]
         prompt_rows = range(row, row + len(offsets))
         sample_row = None
-        if end == seq.num_tokens:
+        if end == seq.num_tokens and seq.params.max_tokens != 0:
             sample_row = prompt_rows.stop
             offsets.append(n - 1)
         row += len(offsets)
@@ -127,10 +127,11 @@ class Scheduler:
             budget -= n
             i += 1
         # Admit waiting sequences, keeping a free block per running sequence for its decodes.
+        running_per_request = Counter(seq.request_id for seq in self.running)
         while self.waiting and budget > 0 and not preempted:
             if len(self.running) >= self.max_num_seqs:
                 break
-            seq = self.waiting[0]
+            seq = self._next_waiting(running_per_request)
             if not seq.block_table and not seq.needs_prompt_logprobs:
                 seq.num_computed = self.blocks.allocate_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed, budget)
@@ -140,12 +141,25 @@ class Scheduler:
                 seq.num_computed = 0
                 break
             self.blocks.allocate(seq, seq.num_computed + n)
-            self.waiting.popleft()
+            self.waiting.remove(seq)
+            running_per_request[seq.request_id] += 1
             seq.status = Status.RUNNING
             self.running.append(seq)
             chunks.append((seq, n))
             budget -= n
         return plan_rows(chunks)
+
+    def _next_waiting(self, running_per_request: Counter) -> Sequence:
+        """The waiting sequence to admit next: the first one of the requests with the
+        fewest sequences running, so that no request starves the others."""
+        best, fewest = self.waiting[0], running_per_request[self.waiting[0].request_id]
+        for seq in self.waiting:
+            if fewest == 0:
+                break
+            count = running_per_request[seq.request_id]
+            if count < fewest:
+                best, fewest = seq, count
+        return best
 
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.free(seq)

@@ -34,6 +34,9 @@ class Tokenizer:
         self.eos_token_ids = self._eos_ids(folder)
         self._byte_level = self._is_byte_level()
         self._special_ids = set(self.hf.all_special_ids)
+        # No token spans more characters than its vocabulary string has (a byte-level
+        # string has one character per byte): a bound on characters per token.
+        self.max_token_chars = max(len(piece) for piece in self.hf.get_vocab())
 
     def _eos_ids(self, folder: Path) -> set[int]:
         ids = set()
