@@ -137,6 +137,28 @@ def test_n_is_capped(server_url):
     assert ok.status_code == 200 and len(ok.json()["choices"]) == 128
 
 
+def test_a_request_of_many_choices_does_not_starve_a_small_one(server_url):
+    # 128 choices of 48 tokens run in two waves of 64 (the server's max_num_seqs). A chat
+    # sent during the first wave is admitted before the second wave's choices, so it ends
+    # first; admitted after them, it would wait for a third wave.
+    big = {"model": MODEL, "prompt": "Once upon a time", "n": 128, "max_tokens": 48,
+           "ignore_eos": True, "temperature": 1}
+    done: dict[str, float] = {}
+
+    def run_big() -> None:
+        assert post(server_url, COMPLETIONS, big).status_code == 200
+        done["big"] = time.monotonic()
+
+    thread = threading.Thread(target=run_big)
+    thread.start()
+    time.sleep(1.0)
+    small = post(server_url, CHAT, chat_body(max_tokens=4, temperature=0, ignore_eos=True))
+    done["small"] = time.monotonic()
+    thread.join()
+    assert small.status_code == 200
+    assert done["small"] < done["big"]
+
+
 @pytest.fixture(scope="module")
 def narrow_server(start_inproc_server):
     """An in-process server that runs at most 3 sequences at once."""
@@ -183,6 +205,11 @@ def test_non_finite_and_out_of_range_floats_are_invalid(server_url, field, value
     resp = post(server_url, CHAT, body)
     assert resp.status_code == 400, resp.text
     assert resp.json()["error"]["code"] == "INVALID_ARGUMENT"
+
+
+def test_non_finite_length_penalty_is_invalid(server_url):
+    body = json.dumps(chat_body(max_tokens=2))[:-1] + ', "length_penalty": NaN}'
+    check_invalid(post(server_url, CHAT, body), "length_penalty")
 
 
 @pytest.mark.parametrize("value", ["Infinity", "NaN", "1e308"])

@@ -1,6 +1,7 @@
 """Request fields -> SamplingParams: OpenAI's names and JSON types to the engine's, with the
 model's defaults for unset fields. The ranges are checked by the engine, once."""
 
+import math
 from typing import Any
 
 from xllm.api.errors import invalid, quoted
@@ -16,6 +17,8 @@ def _pick(value, defaults: dict, name: str, fallback):
 
 def check_beam_fields(req: SamplingRequest) -> None:
     """Beam search is accepted in the models but not served yet."""
+    if req.length_penalty is not None and not math.isfinite(req.length_penalty):
+        raise invalid("length_penalty must be a finite number", "length_penalty")
     if req.beam_width is None:
         return
     if req.beam_width < 1:
