@@ -36,7 +36,9 @@ def params_for(req, defaults=None, max_tokens=16, logprobs=None):
 
 def check(prompt_len: int, params, max_model_len: int = 128) -> None:
     """The engine's request check (no tokenizer needed), as the API answers it."""
-    processor = InputProcessor(None, max_model_len, VOCAB, EngineConfig().max_n)
+    defaults = EngineConfig()
+    processor = InputProcessor(None, max_model_len, VOCAB, defaults.max_n,
+                               defaults.max_beam_width)
     try:
         processor.check(PromptInput.of([1] * prompt_len), params)
     except InvalidParameter as exc:

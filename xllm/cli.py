@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         "answered 429 RESOURCE_EXHAUSTED")
     add("--max-n", type=_positive_int, default=defaults.max_n,
         help="most choices (`n`) of one request")
+    add("--max-beam-width", type=_positive_int, default=defaults.max_beam_width,
+        help="most beams (`beam_width`) of one beam search")
     add("--max-request-bytes", type=parse_size, default=server.max_request_bytes,
         help="largest request body; larger ones are answered 413; accepts suffixes like 4M")
     add("--request-body-timeout", type=_positive_float, default=server.request_body_timeout,
@@ -136,6 +138,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         enable_prefix_caching=not args.disable_prefix_caching,
         num_threads=args.num_threads,
         max_n=args.max_n,
+        max_beam_width=args.max_beam_width,
     )
 
 

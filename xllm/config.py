@@ -18,6 +18,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # torch intra-op threads; None: all cores
     max_n: int = 128  # most choices of one request (OpenAI's limit)
+    max_beam_width: int = 8  # most beams of one beam search
 
 
 @dataclass

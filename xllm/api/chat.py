@@ -6,7 +6,6 @@ from xllm.api.generate import Choice, ChoiceNews, Generation, Renderer
 from xllm.api.logprobs import chat_logprobs
 from xllm.api.params import (
     build_sampling_params,
-    check_beam_fields,
     check_max_tokens,
     check_unserved,
 )
@@ -88,12 +87,15 @@ class ChatRenderer(Renderer):
 
 
 async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest) -> Generation:
-    check_beam_fields(req)
     check_unserved(req)
     engine = ctx.engine
     prompt = await engine.chat_prompt(template_messages(req.messages),
                                       req.add_generation_prompt is not False)
-    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    logprobs = None
+    if req.logprobs:  # a beam search reports beam_width alternatives unless told
+        beam_search = (req.beam_width or 1) > 1
+        logprobs = req.top_logprobs if req.top_logprobs is not None else \
+            (req.beam_width if beam_search else 0)
     use_completion_tokens = req.max_completion_tokens is not None
     max_tokens = req.max_completion_tokens if use_completion_tokens else req.max_tokens
     check_max_tokens(max_tokens, "max_completion_tokens" if use_completion_tokens

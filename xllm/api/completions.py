@@ -5,7 +5,7 @@ from xllm.api.context import ServingContext
 from xllm.api.errors import invalid
 from xllm.api.generate import Choice, ChoiceNews, Generation, Renderer
 from xllm.api.logprobs import CompletionLogprobs
-from xllm.api.params import build_sampling_params, check_beam_fields, check_max_tokens
+from xllm.api.params import build_sampling_params, check_max_tokens
 from xllm.api.protocol import CompletionRequest
 from xllm.engine.tokenizer import Tokenizer
 from xllm.inputs import PromptInput
@@ -84,7 +84,6 @@ class CompletionRenderer(Renderer):
 
 
 async def prepare_completion(ctx: ServingContext, req: CompletionRequest) -> Generation:
-    check_beam_fields(req)
     echo = bool(req.echo)
     check_max_tokens(req.max_tokens, "max_tokens", scoring=echo)
     engine = ctx.engine

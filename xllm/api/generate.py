@@ -100,7 +100,7 @@ class Generation:
     @property
     def num_seqs(self) -> int:
         """Sequences this generation runs: what it counts against the in-flight limit."""
-        return len(self.prompts) * self.params.n
+        return len(self.prompts) * self.params.num_choices
 
 
 Req = TypeVar("Req", bound=SamplingRequest)
@@ -124,9 +124,9 @@ async def serve_generation(
         ctx.release(gen.num_seqs)
         raise api_error(exc, request_id, gen.param_names) from None
     prompt_tokens = sum(len(p) for p in gen.prompts)
-    logger.info("%s: %s, %d prompt(s) of %s tokens, n=%d, max_tokens=%s, stream=%s", request_id,
-                gen.kind, len(gen.prompts), ",".join(str(len(p)) for p in gen.prompts),
-                gen.params.n, gen.params.max_tokens, bool(req.stream))
+    logger.info("%s: %s, %d prompt(s) of %s tokens, %d choice(s), max_tokens=%s, stream=%s",
+                request_id, gen.kind, len(gen.prompts), ",".join(str(len(p)) for p in gen.prompts),
+                gen.params.num_choices, gen.params.max_tokens, bool(req.stream))
     job = _Job(ctx, request_id, gen, streams, prompt_tokens, timer)
     headers = {"X-Request-Id": request_id}
     if req.stream:
@@ -181,7 +181,7 @@ class _Job:
         self.timer = timer
         self.created = int(time.time())
         self.start = time.perf_counter()
-        n = gen.params.n
+        n = gen.params.num_choices
         self.choices = [Choice(i, i // n) for i in range(len(gen.prompts) * n)]
         self.prompt_logprobs: dict[int, list] = {}
         self.completion_tokens = 0
@@ -201,7 +201,7 @@ class _Job:
             self.prompt_logprobs[prompt_index] = out.prompt_logprobs
         news = []
         for c in out.outputs:
-            choice = self.choices[prompt_index * self.gen.params.n + c.index]
+            choice = self.choices[prompt_index * self.gen.params.num_choices + c.index]
             first = not choice.started
             if first:
                 choice.started = True

@@ -15,16 +15,29 @@ def _pick(value, defaults: dict, name: str, fallback):
     return defaults.get(name, fallback)
 
 
-def check_beam_fields(req: SamplingRequest) -> None:
-    """Beam search is accepted in the models but not served yet."""
+def beam_fields(req: SamplingRequest) -> dict[str, Any]:
+    """The SamplingParams fields of the beam search fields (API.md section 3): beam_width
+    above 1 searches, not streamed and with n 1; beam_width 1 is greedy decoding."""
     if req.length_penalty is not None and not math.isfinite(req.length_penalty):
         raise invalid("length_penalty must be a finite number", "length_penalty")
-    if req.beam_width is None:
-        return
-    if req.beam_width < 1:
+    width = req.beam_width
+    if width is None:
+        return {}
+    if width < 1:
         raise invalid("beam_width must be at least 1", "beam_width")
-    if req.beam_width > 1:
-        raise invalid("beam search is not supported yet", "beam_width")
+    if width == 1:
+        return {"temperature": 0.0}
+    if req.stream:
+        raise invalid("beam search answers once, with all its beams: send stream false",
+                      "stream")
+    if req.n not in (None, 1):
+        raise invalid("n must be 1 with beam search: beam_width sets how many choices "
+                      "come back", "n")
+    return {
+        "beam_width": width,
+        "length_penalty": 1.0 if req.length_penalty is None else req.length_penalty,
+        "early_stopping": False if req.early_stopping is None else req.early_stopping,
+    }
 
 
 def check_unserved(req: ChatCompletionRequest) -> None:
@@ -79,9 +92,13 @@ def build_sampling_params(
     else:
         stop = [s for s in (req.stop or []) if s]
     top_k = int(_pick(req.top_k, defaults, "top_k", -1))
+    beam = beam_fields(req)
+    temperature = beam.pop("temperature", None)
+    if temperature is None:
+        temperature = float(_pick(req.temperature, defaults, "temperature", 1.0))
     return SamplingParams(
         n=1 if req.n is None else req.n,
-        temperature=float(_pick(req.temperature, defaults, "temperature", 1.0)),
+        temperature=temperature,
         top_p=float(_pick(req.top_p, defaults, "top_p", 1.0)),
         top_k=-1 if top_k == 0 else top_k,  # some generation configs use 0 for "off"
         min_p=float(_pick(req.min_p, defaults, "min_p", 0.0)),
@@ -99,5 +116,6 @@ def build_sampling_params(
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
         skip_special_tokens=True if req.skip_special_tokens is None else req.skip_special_tokens,
+        **beam,
         **fields,
     )

@@ -41,6 +41,7 @@ class BlockManager:
         self.cached: dict[BlockKey, int] = {}
         self.queries = 0
         self.hits = 0
+        self.copies: list[tuple[int, int]] = []  # copy on write, for the next step
 
     @property
     def num_free_blocks(self) -> int:
@@ -80,19 +81,45 @@ class BlockManager:
         return len(seq.block_table) * self.block_size
 
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
-        """Grow `seq`'s block table to hold `num_tokens`; False (and no change) if short."""
-        needed = self.blocks_needed(seq, num_tokens)
+        """Grow `seq`'s block table to hold `num_tokens`, first giving it its own copy of a
+        shared partial block it is about to write (copy on write, see `take_copies`);
+        False (and no change) if short of blocks."""
+        shared = self._shared_partial(seq)
+        needed = self.blocks_needed(seq, num_tokens) + (shared is not None)
         if needed > len(self.free_queue):
             return False
-        for _ in range(needed):
-            block = self.free_queue.popleft()
-            old = self.block_key[block]
-            if old is not None and self.cached.get(old) == block:
-                del self.cached[old]
-            self.block_key[block] = None
-            self.ref_counts[block] = 1
-            seq.block_table.append(block)
+        if shared is not None:
+            block = seq.block_table[shared]
+            seq.block_table[shared] = self._take()
+            self.ref_counts[block] -= 1
+            self.copies.append((block, seq.block_table[shared]))
+        for _ in range(self.blocks_needed(seq, num_tokens)):
+            seq.block_table.append(self._take())
         return True
+
+    def _shared_partial(self, seq: Sequence) -> int | None:
+        """The index of the partly filled block `seq` writes next, if another holds it too."""
+        index, filled = divmod(seq.num_computed, self.block_size)
+        if filled and index < len(seq.block_table) and \
+                self.ref_counts[seq.block_table[index]] > 1:
+            return index
+        return None
+
+    def _take(self) -> int:
+        """A free block, taken out of the prefix cache, held once."""
+        block = self.free_queue.popleft()
+        old = self.block_key[block]
+        if old is not None and self.cached.get(old) == block:
+            del self.cached[old]
+        self.block_key[block] = None
+        self.ref_counts[block] = 1
+        return block
+
+    def take_copies(self) -> list[tuple[int, int]]:
+        """The (src, dst) block copies that allocations asked for since the last call; they
+        must be done before the step's forward pass writes anything."""
+        copies, self.copies = self.copies, []
+        return copies
 
     def commit(self, seq: Sequence) -> None:
         """Enter the blocks that `seq` has filled with computed tokens into the prefix cache."""

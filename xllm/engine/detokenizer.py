@@ -40,10 +40,10 @@ class Detokenizer:
         start = max(0, len(self.text) - self.hold)
         self.text += full[len(prefix) :]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        found = [(at, stop) for stop in self.stop if (at := self.text.find(stop, start)) >= 0]
-        if not found:
+        found = first_stop(self.text, self.stop, start)
+        if found is None:
             return None
-        at, stop = min(found)
+        at, stop = found
         self.text = self.text[: at + len(stop) if self.include_stop else at]
         return stop
 
@@ -53,3 +53,18 @@ class Detokenizer:
         delta = self.text[self.sent : end]
         self.sent = end
         return delta
+
+
+def first_stop(text: str, stops: list[str], start: int = 0) -> tuple[int, str] | None:
+    """Where the first of `stops` occurs in `text` from `start`, and which."""
+    found = [(at, stop) for stop in stops if (at := text.find(stop, start)) >= 0]
+    return min(found) if found else None
+
+
+def cut_at_stop(text: str, stops: list[str], include_stop: bool) -> str:
+    """`text` ended at its first stop string (kept when `include_stop`)."""
+    found = first_stop(text, stops)
+    if found is None:
+        return text
+    at, stop = found
+    return text[: at + len(stop) if include_stop else at]

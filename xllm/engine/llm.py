@@ -37,7 +37,7 @@ class LLM:
             results[request_id] = RequestOutput(
                 request_id, list(prompt.token_ids),
                 [CompletionOutput(i, "", [], [] if p.logprobs is not None else None)
-                 for i in range(p.n)],
+                 for i in range(p.num_choices)],
                 False,
             )
         while self.engine.has_unfinished():

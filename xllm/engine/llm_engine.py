@@ -6,14 +6,16 @@ front and the offline LLM both do so); the engine trusts them.
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from xllm import ops
 from xllm.config import EngineConfig
+from xllm.engine.beam_search import BeamGroup
 from xllm.engine.block_manager import BlockManager
-from xllm.engine.detokenizer import Detokenizer
+from xllm.engine.detokenizer import Detokenizer, cut_at_stop
 from xllm.engine.errors import EngineBusyError, InvalidParameter
 from xllm.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from xllm.engine.processor import InputProcessor
@@ -40,6 +42,7 @@ class Request:
     seqs: list[Sequence]
     detokenizers: list[Detokenizer]
     prompt_logprobs_sent: bool = False
+    beam: BeamGroup | None = None  # beam search: `seqs` is then the group's live beams
 
     @property
     def finished(self) -> bool:
@@ -49,11 +52,13 @@ class Request:
 @dataclass
 class StepResult:
     """What a step computed, before any sequence takes it: per scheduled sequence its
-    prompt logprobs; per sampled sequence its token and logprob."""
+    prompt logprobs; per sampled sequence its token and logprob; per beam that offers
+    candidates, its top logprobs (values, token ids)."""
 
     prompt_logprobs: list[list[TokenLogprob]]
     tokens: list[int]
     logprobs: list[TokenLogprob | None]
+    candidates: dict[int, tuple[torch.Tensor, torch.Tensor]]  # id(beam's item): top logprobs
 
 
 class LLMEngine:
@@ -77,7 +82,7 @@ class LLMEngine:
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
         )
         self.processor = InputProcessor(self.tokenizer, self.max_model_len, self.runner.vocab_size,
-                                        config.max_n)
+                                        config.max_n, config.max_beam_width)
         self.sampler = Sampler(config.seed)
         self.requests: dict[str, Request] = {}
         self.default_params = self._generation_defaults()
@@ -98,6 +103,9 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: PromptInput, params: SamplingParams) -> None:
         """Queue a request that `processor.check` has passed, under an id not in use."""
+        if params.beam_search:
+            self._add_beam_search(request_id, prompt, params)
+            return
         seqs = [
             Sequence(request_id, i, prompt, params,
                      generator=None if params.seed is None else seeded_generator(params.seed, i))
@@ -116,6 +124,32 @@ class LLMEngine:
         self.requests[request_id] = Request(request_id, prompt, params, seqs, detoks)
         for seq in seqs:
             self.scheduler.add(seq)
+
+    def _add_beam_search(self, request_id: str, prompt: PromptInput,
+                         params: SamplingParams) -> None:
+        seq = Sequence(request_id, 0, prompt, params)
+        seq.beams = [seq]
+        if params.prompt_logprobs is not None:
+            seq.prompt_logprobs = [None]
+        room = self.max_model_len - len(prompt)
+        enders = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            enders |= self.tokenizer.eos_token_ids
+        group = BeamGroup(params, min(params.max_tokens or room, room), enders,
+                          self._stop_strings(params))
+        self.requests[request_id] = Request(request_id, prompt, params, seq.beams, [], beam=group)
+        self.scheduler.add(seq)
+
+    def _stop_strings(self, params: SamplingParams) -> Callable[[list[int], int], bool] | None:
+        """Whether a token after generated ids completes one of `params.stop`."""
+        if not params.stop:
+            return None
+
+        def stops(ids: list[int], token: int) -> bool:
+            text = self.tokenizer.decode(ids + [token], params.skip_special_tokens)
+            return any(stop in text for stop in params.stop)
+
+        return stops
 
     def abort_request(self, request_id: str) -> None:
         """Drop a request and free all its blocks at once."""
@@ -137,6 +171,8 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             return []
+        if plan.copies:
+            self.runner.copy_blocks(plan.copies)
         try:
             parts = [(plan, self._compute(plan))]
         except Exception:
@@ -159,13 +195,24 @@ class LLMEngine:
             self._prompt_logprobs(item.seq, logits[item.prompt_rows.start : item.prompt_rows.stop])
             if item.prompt_rows else [] for item in plan.scheduled
         ]
-        sampled = plan.sampled
+        sampled = [item for item in plan.sampled if item.seq.beams is None]
         tokens, logprobs = [], []
         if sampled:
             sample_rows = [item.sample_row for item in sampled]
             rows = logits if len(sample_rows) == plan.num_rows else logits[sample_rows]
             tokens, logprobs = self.sampler(rows, [item.seq for item in sampled])
-        return StepResult(prompt_logprobs, tokens, logprobs)
+        return StepResult(prompt_logprobs, tokens, logprobs, self._candidates(plan, logits))
+
+    def _candidates(self, plan: StepPlan, logits: torch.Tensor
+                    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """The top logprobs that each beam in `plan` offers its group's search."""
+        beams = [item for item in plan.sampled if item.seq.beams is not None]
+        if not beams:
+            return {}
+        k = max(self.requests[item.seq.request_id].beam.num_candidates for item in beams)
+        rows = logits[[item.sample_row for item in beams]]
+        values, indices, _ = ops.topk_logprobs(rows, k, torch.zeros(len(beams), dtype=torch.long))
+        return {id(item): (values[j], indices[j]) for j, item in enumerate(beams)}
 
     def _compute_apart(self, plan: StepPlan
                        ) -> tuple[list[tuple[StepPlan, StepResult]], list[RequestOutput]]:
@@ -202,14 +249,72 @@ class LLMEngine:
                 (item, prompt_logprobs, samples.get(id(item))))
         outputs = []
         for request_id, share in shares.items():
+            request = self.requests[request_id]
             try:
+                if request.beam is not None:
+                    out = self._search(request, share, result.candidates)
+                    outputs += [out] if out is not None else []
+                    continue
                 news = [out for item, lps, sample in share
                         if (out := self._advance(item, lps, sample)) is not None]
             except Exception as exc:
                 outputs.append(self._fail(request_id, exc))
                 continue
             if news:
-                outputs.append(self._output(self.requests[request_id], news))
+                outputs.append(self._output(request, news))
+        return outputs
+
+    def _search(self, request: Request, share: list, candidates: dict) -> RequestOutput | None:
+        """A beam group takes its share of a step: when every live beam offered candidates,
+        the search advances (forking, advancing and freeing beams); its output once done."""
+        offered = {}
+        for item, prompt_logprobs, _ in share:
+            self._advance(item, prompt_logprobs, None)
+            if id(item) in candidates:
+                offered[id(item.seq)] = candidates[id(item)]
+        live, group = request.seqs, request.beam
+        if any(id(seq) not in offered for seq in live):
+            for item, _, _ in share:  # not all of the group ran: its last tokens run again
+                if id(item) in candidates:
+                    item.seq.num_computed -= 1
+            return None
+        k = group.num_candidates
+        values = torch.stack([offered[id(seq)][0][:k] for seq in live])
+        indices = torch.stack([offered[id(seq)][1][:k] for seq in live])
+        continuations = group.step(values, indices)
+        if group.done:
+            for seq in live:
+                self.scheduler.finish(seq)
+            return self._output(request, self._beam_results(request))
+        beams, taken = [], set()
+        for c in continuations:  # forks first: a parent's own token comes after
+            parent = live[c.parent]
+            beams.append(self._fork(parent) if c.parent in taken else parent)
+            taken.add(c.parent)
+        for seq, c in zip(beams, continuations):
+            seq.token_ids.append(c.token)
+        self.scheduler.replace_beams(list(live), beams)
+        live[:] = beams
+        return None
+
+    def _fork(self, parent: Sequence) -> Sequence:
+        """A new beam sharing `parent`'s tokens and blocks."""
+        child = Sequence(parent.request_id, 0, parent.prompt, parent.params)
+        child.token_ids = list(parent.token_ids)
+        child.num_computed = parent.num_computed
+        child.beams = parent.beams
+        self.block_manager.fork(parent, child)
+        return child
+
+    def _beam_results(self, request: Request) -> list[CompletionOutput]:
+        """The finished hypotheses as choices, best first."""
+        p = request.params
+        outputs = []
+        for rank, hyp in enumerate(request.beam.results()):
+            text = self.tokenizer.decode(hyp.token_ids, p.skip_special_tokens)
+            outputs.append(CompletionOutput(
+                rank, cut_at_stop(text, p.stop, p.include_stop_str_in_output), hyp.token_ids,
+                hyp.logprobs if p.logprobs is not None else None, hyp.finish_reason))
         return outputs
 
     def _advance(self, item: ScheduledSeq, prompt_logprobs: list[TokenLogprob],

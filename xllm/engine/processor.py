@@ -12,11 +12,12 @@ from xllm.inputs import PromptInput
 
 class InputProcessor:
     def __init__(self, tokenizer: Tokenizer, max_model_len: int, vocab_size: int,
-                 max_n: int) -> None:
+                 max_n: int, max_beam_width: int) -> None:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size  # the model's: what its embedding and logits cover
         self.max_n = max_n
+        self.max_beam_width = max_beam_width
 
     def _check_chars(self, num_chars: int, param: str) -> None:
         if num_chars > self.max_model_len * self.tokenizer.max_token_chars:
@@ -47,6 +48,11 @@ class InputProcessor:
         params.validate()
         if params.n > self.max_n:
             raise InvalidParameter("n", f"n must be at most {self.max_n}")
+        if params.beam_width > self.max_beam_width:
+            raise InvalidParameter(
+                "beam_width", f"beam_width must be at most {self.max_beam_width} on this server")
+        if params.beam_search and params.max_tokens == 0:
+            raise InvalidParameter("max_tokens", "beam search needs max_tokens of at least 1")
         n, limit, vocab = len(prompt), self.max_model_len, self.vocab_size
         if n == 0:
             raise InvalidParameter("prompt", "the prompt is empty")

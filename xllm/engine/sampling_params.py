@@ -1,5 +1,6 @@
 """Per-request sampling and stopping parameters, and the ranges they must be in."""
 
+import math
 from dataclasses import dataclass, field
 
 from xllm.engine.errors import InvalidParameter
@@ -39,6 +40,18 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    beam_width: int = 1  # above 1: beam search (API.md section 3)
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False  # True, False or "never", as in transformers
+
+    @property
+    def beam_search(self) -> bool:
+        return self.beam_width > 1
+
+    @property
+    def num_choices(self) -> int:
+        """Choices in the answer: the beams of a beam search, else n."""
+        return self.beam_width if self.beam_search else self.n
 
     @property
     def greedy(self) -> bool:
@@ -73,6 +86,11 @@ class SamplingParams:
              "prompt_logprobs", f"must be in [0, {MAX_LOGPROBS}]"),
             (self.seed is None or SEED_RANGE[0] <= self.seed <= SEED_RANGE[1],
              "seed", "is out of range"),
+            (self.beam_width >= 1, "beam_width", "must be at least 1"),
+            (self.beam_width == 1 or self.n == 1, "n", "must be 1 with beam search"),
+            (math.isfinite(self.length_penalty), "length_penalty", "must be finite"),
+            (self.early_stopping in (True, False, "never"), "early_stopping",
+             'must be true, false or "never"'),
         ]
         for ok, param, requirement in checks:
             if not ok:

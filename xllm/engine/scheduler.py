@@ -8,12 +8,16 @@ is preempted: its blocks are freed and it waits to be recomputed. A sequence
 with `wait_for` set is held back until that sequence's prompt is computed, so
 that it finds the prompt in the prefix cache (the other choices of n > 1).
 
+The beams of a beam-search group are one unit: admitted together, preempted
+together, and kept next to each other in the running list.
+
 The result is a `StepPlan`: per sequence, its tokens of this step and which
-rows of the step's logits are its own.
+rows of the step's logits are its own, and the blocks to copy before the step
+(copy on write of a beam's shared last block).
 """
 
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from xllm.engine.block_manager import BlockManager
 from xllm.engine.sequence import Sequence, Status
@@ -49,6 +53,7 @@ class StepPlan:
 
     scheduled: list[ScheduledSeq]
     num_rows: int
+    copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) blocks, first
 
     def inputs(self) -> list[SeqInput]:
         return [item.input() for item in self.scheduled]
@@ -117,7 +122,7 @@ class Scheduler:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed, budget)
             while not self.blocks.allocate(seq, seq.num_computed + n):
-                self._preempt(self.running.pop())
+                self._preempt(self.running[-1])
                 preempted = True
                 if seq.status is Status.WAITING:
                     break
@@ -126,28 +131,49 @@ class Scheduler:
             chunks.append((seq, n))
             budget -= n
             i += 1
+        if preempted:  # a preempted beam group may have had beams scheduled already
+            chunks = [(seq, n) for seq, n in chunks if seq.status is Status.RUNNING]
         # Admit waiting sequences, keeping a free block per running sequence for its decodes.
         running_per_request = Counter(seq.request_id for seq in self.running)
         while self.waiting and budget > 0 and not preempted:
             if len(self.running) >= self.max_num_seqs:
                 break
-            seq = self._next_waiting(running_per_request)
+            admitted = self._admit(self._next_waiting(running_per_request), budget)
+            if admitted is None:
+                break
+            for seq, n in admitted:
+                running_per_request[seq.request_id] += 1
+                if n:
+                    chunks.append((seq, n))
+                    budget -= n
+        plan = plan_rows(chunks)
+        plan.copies = self.blocks.take_copies()
+        return plan
+
+    def _admit(self, first: Sequence, budget: int) -> list[tuple[Sequence, int]] | None:
+        """Admit `first` (with the other waiting beams of its group: all or none) within
+        `budget` tokens; None, changing nothing, when the free blocks do not suffice."""
+        unit = [first] if first.beams is None else \
+            [seq for seq in first.beams if seq.status is Status.WAITING]
+        chunks, needed = [], 0
+        for seq in unit:
             if not seq.block_table and not seq.needs_prompt_logprobs:
                 seq.num_computed = self.blocks.allocate_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed, budget)
-            needed = self.blocks.blocks_needed(seq, seq.num_computed + n)
-            if needed + len(self.running) > self.blocks.num_free_blocks:
-                self.blocks.free(seq)
-                seq.num_computed = 0
-                break
-            self.blocks.allocate(seq, seq.num_computed + n)
-            self.waiting.remove(seq)
-            running_per_request[seq.request_id] += 1
-            seq.status = Status.RUNNING
-            self.running.append(seq)
+            needed += self.blocks.blocks_needed(seq, seq.num_computed + n)
             chunks.append((seq, n))
             budget -= n
-        return plan_rows(chunks)
+        if needed + len(self.running) + len(unit) - 1 > self.blocks.num_free_blocks:
+            for seq in unit:
+                self.blocks.free(seq)
+                seq.num_computed = 0
+            return None
+        for seq, n in chunks:
+            self.blocks.allocate(seq, seq.num_computed + n)
+            self.waiting.remove(seq)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+        return chunks
 
     def _next_waiting(self, running_per_request: Counter) -> Sequence:
         """The waiting sequence to admit next: the first one of the requests with the
@@ -161,12 +187,31 @@ class Scheduler:
                 best, fewest = seq, count
         return best
 
-    def _preempt(self, seq: Sequence) -> None:
-        self.blocks.free(seq)
-        seq.num_computed = 0
-        seq.status = Status.WAITING
-        self.waiting.appendleft(seq)
-        self.num_preemptions += 1
+    def _preempt(self, victim: Sequence) -> None:
+        """Free a running sequence's blocks (a beam's: its whole group's) and put it first
+        in line to be recomputed."""
+        unit = [victim] if victim.beams is None else \
+            [seq for seq in victim.beams if seq.status is Status.RUNNING]
+        for seq in reversed(unit):
+            self.running.remove(seq)
+            self.blocks.free(seq)
+            seq.num_computed = 0
+            seq.status = Status.WAITING
+            self.waiting.appendleft(seq)
+            self.num_preemptions += 1
+
+    def replace_beams(self, old: list[Sequence], new: list[Sequence]) -> None:
+        """A beam group's step: the running beams `old` become `new` (kept together in the
+        running list, where the group was). Beams of `old` not in `new` are finished."""
+        at = min(self.running.index(seq) for seq in old)
+        for seq in old:
+            if seq not in new:
+                self.finish(seq)
+            else:
+                self.running.remove(seq)
+        for seq in new:
+            seq.status = Status.RUNNING
+        self.running[at:at] = new
 
     def finish(self, seq: Sequence) -> None:
         """Drop a finished or aborted sequence and free its blocks at once."""

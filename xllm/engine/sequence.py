@@ -26,6 +26,7 @@ class Sequence:
     `prefix_digest` (the chain state the block manager keeps here).
     `wait_for`, when set, is the sequence whose prompt must be in the cache
     before this one is scheduled (the other choices of an n > 1 request).
+    `beams`, in beam search, lists the live beams of this sequence's group.
     """
 
     request_id: str
@@ -39,6 +40,7 @@ class Sequence:
     num_hashed_blocks: int = 0
     prefix_digest: bytes = b""
     wait_for: "Sequence | None" = None
+    beams: "list[Sequence] | None" = None  # beam search: the group's live beams (shared list)
     generator: torch.Generator | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
     finish_reason: str | None = None

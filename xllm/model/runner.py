@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from xllm import ops
 from xllm.config import EngineConfig
 from xllm.inputs import PromptInput
 from xllm.model.config import ARCHITECTURES
@@ -90,6 +91,11 @@ class ModelRunner:
         self.v_cache = torch.zeros(shape, dtype=self.dtype)
         self.kv_caches = list(zip(self.k_cache.unbind(0), self.v_cache.unbind(0)))
         logger.info("KV cache: %d blocks of %d tokens", self.num_blocks, self.block_size)
+
+    @torch.inference_mode()
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy KV-cache blocks (src, dst) in every layer: a beam's copy on write."""
+        ops.copy_blocks(self.k_cache, self.v_cache, torch.tensor(pairs, dtype=torch.int64))
 
     @torch.inference_mode()
     def run(self, batch: list[SeqInput]) -> torch.Tensor:
