@@ -63,6 +63,12 @@ void write_kv(const float* key, int64_t key_stride, const float* value, int64_t 
               float* k_cache, float* v_cache, const void* slot_mapping, bool slots_int64,
               int64_t num_tokens, int64_t row_size, int64_t num_slots);
 
+// Caches [num_layers, num_blocks, block_size, H_kv, D] contiguous, block_floats = block_size *
+// H_kv * D; block_mapping [P, 2] (src, dst) int64 or int32: in every layer, block dst of both
+// caches becomes a copy of block src (destinations distinct and never a source).
+void copy_blocks(float* k_cache, float* v_cache, const void* block_mapping, bool ids_int64,
+                 int64_t num_pairs, int64_t num_layers, int64_t num_blocks, int64_t block_floats);
+
 // beam_scores [G, W]; cand_* [G, W, C]; outputs [G, K].
 void beam_prune(const float* beam_scores, const int64_t* cand_tokens, const float* cand_logprobs,
                 int64_t groups, int64_t width, int64_t cands, int64_t num_keep, int64_t* parents,

@@ -57,6 +57,14 @@ PYBIND11_MODULE(_C, m) {
       },
       py::call_guard<py::gil_scoped_release>(), "KV cache write; see xllm.ops.reference.");
   m.def(
+      "copy_blocks",
+      [](uintptr_t k_cache, uintptr_t v_cache, uintptr_t block_mapping, bool ids_int64,
+         int64_t num_pairs, int64_t num_layers, int64_t num_blocks, int64_t block_floats) {
+        xllm::copy_blocks(ptr<float>(k_cache), ptr<float>(v_cache), ptr<const void>(block_mapping),
+                          ids_int64, num_pairs, num_layers, num_blocks, block_floats);
+      },
+      py::call_guard<py::gil_scoped_release>(), "KV block copies; see xllm.ops.reference.");
+  m.def(
       "topk_logprobs",
       [](uintptr_t logits, int64_t ld, int64_t rows, int64_t vocab, int64_t k,
          uintptr_t token_ids, uintptr_t values, uintptr_t indices, uintptr_t chosen) {

@@ -1,4 +1,4 @@
-"""Triton KV cache write: scatter new key/value rows into the paged cache by slot."""
+"""Triton KV cache kernels: scatter new key/value rows by slot; copy whole blocks (beam forks)."""
 
 import triton
 import triton.language as tl
@@ -49,3 +49,35 @@ def write_kv_kernel(
         value.to(v_cache_ptr.dtype.element_ty),
         mask=mask,
     )
+
+
+@triton.jit
+def copy_blocks_kernel(
+    k_cache_ptr,
+    v_cache_ptr,
+    block_mapping_ptr,
+    stride_kl,
+    stride_kb,
+    stride_vl,
+    stride_vb,
+    BLOCK_NUMEL: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    """One program per (pair, layer): copy block src to block dst in K and V, CHUNK at a time.
+
+    Each block's BLOCK_NUMEL elements (block_size * H_kv * D) are contiguous; the copy is
+    bitwise in the caches' own dtype.
+    """
+    pair = tl.program_id(0).to(tl.int64)
+    layer = tl.program_id(1).to(tl.int64)
+    src = tl.load(block_mapping_ptr + 2 * pair).to(tl.int64)
+    dst = tl.load(block_mapping_ptr + 2 * pair + 1).to(tl.int64)
+    k_src = k_cache_ptr + layer * stride_kl + src * stride_kb
+    k_dst = k_cache_ptr + layer * stride_kl + dst * stride_kb
+    v_src = v_cache_ptr + layer * stride_vl + src * stride_vb
+    v_dst = v_cache_ptr + layer * stride_vl + dst * stride_vb
+    for start in range(0, BLOCK_NUMEL, CHUNK):
+        offsets = start + tl.arange(0, CHUNK)
+        mask = offsets < BLOCK_NUMEL
+        tl.store(k_dst + offsets, tl.load(k_src + offsets, mask=mask), mask=mask)
+        tl.store(v_dst + offsets, tl.load(v_src + offsets, mask=mask), mask=mask)

@@ -11,7 +11,7 @@ from xllm.api.chat import message_text
 from xllm.api.completions import split_prompts
 from xllm.api.errors import APIError, from_engine_error, from_validation_error
 from xllm.api.logprobs import CompletionLogprobs, chat_logprobs, finite
-from xllm.api.params import build_sampling_params, check_beam_fields
+from xllm.api.params import beam_fields, build_sampling_params
 from xllm.api.protocol import ChatCompletionRequest, CompletionRequest
 from xllm.api.streaming import ChunkWriter
 from xllm.cli import build_parser, parse_size, served_model_name
@@ -157,11 +157,31 @@ def test_out_of_range_is_400(fields, param):
     assert info.value.status == 400 and info.value.param == param
 
 
-def test_beam_width_above_one_is_not_supported_yet():
-    check_beam_fields(chat(beam_width=1))
+def test_beam_fields_become_engine_fields():
+    assert beam_fields(chat()) == {}
+    assert beam_fields(chat(beam_width=1)) == {"temperature": 0.0}  # greedy
+    assert beam_fields(chat(beam_width=3, length_penalty=0.5, early_stopping="never")) == {
+        "beam_width": 3, "length_penalty": 0.5, "early_stopping": "never"}
+    params = params_for(chat(beam_width=2, temperature=0.7))
+    assert params.beam_width == 2 and params.num_choices == 2
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"beam_width": 0}, "beam_width"),
+    ({"beam_width": 2, "stream": True}, "stream"),
+    ({"beam_width": 2, "n": 2}, "n"),
+    ({"beam_width": 2, "length_penalty": float("inf")}, "length_penalty"),
+])  # fmt: skip
+def test_beam_fields_refused(fields, param):
     with pytest.raises(APIError) as info:
-        check_beam_fields(chat(beam_width=2, length_penalty=1.0, early_stopping="never"))
-    assert info.value.status == 400 and "beam search" in info.value.message
+        beam_fields(chat(**fields))
+    assert info.value.status == 400 and info.value.param == param
+
+
+def test_beam_width_above_the_server_limit_is_refused():
+    with pytest.raises(APIError) as info:
+        check(4, params_for(chat(beam_width=9)))
+    assert info.value.param == "beam_width" and "at most 8" in info.value.message
 
 
 def test_prompt_length_checks_name_the_numbers():

@@ -1,11 +1,13 @@
 """Times each kernel backend (reference, C++, Triton) on serving shapes; prints speed-ups and GB/s.
 
-Usage: python benchmarks/kernels/bench_kernels.py [attention|write_kv|topk|beam|linear|all]
+Usage: python benchmarks/kernels/bench_kernels.py
+       [attention|write_kv|copy_blocks|topk|beam|linear|all]
        [--quick] [--json PATH] [--threads N] [--block-order random|contiguous] [--dtype float32|...]
 
 On a CUDA machine the tensors live on the GPU and the backends are reference and
 triton; otherwise on the CPU with reference and cpp. Bandwidth counts the bytes a
-kernel must read (K/V and q for attention, the logits for top-k); prefill reports
+kernel must read (K/V and q for attention, the logits for top-k; the blocks read and written
+for copy_blocks); prefill reports
 GFLOP/s of the causal attention (4 * heads * head_size per visible query-key pair).
 `linear` (CPU only; on CUDA both sides would be cuBLAS) compares the C++ skinny GEMM with
 torch's F.linear (the reference) and prints weight GB/s and GFLOP/s, then times all 121
@@ -138,13 +140,13 @@ def run_backends(
 
 
 def print_header() -> None:
-    print(f"{'kernel':<10} {'shape':<44} {'backend':<10} {'ms':>10} {'speed-up':>9} {'rate':>14}")
+    print(f"{'kernel':<11} {'shape':<44} {'backend':<10} {'ms':>10} {'speed-up':>9} {'rate':>14}")
 
 
 def print_row(r: Result) -> None:
     speedup = f"{r.speedup:.1f}x" if r.speedup is not None else "-"
     rate = f"{r.rate:.3g} {r.unit}"
-    print(f"{r.kernel:<10} {r.shape:<44} {r.backend:<10} {r.ms:>10.3f} {speedup:>9} {rate:>14}")
+    print(f"{r.kernel:<11} {r.shape:<44} {r.backend:<10} {r.ms:>10.3f} {speedup:>9} {rate:>14}")
     sys.stdout.flush()
 
 
@@ -254,6 +256,29 @@ def bench_write_kv(setup: Setup) -> list[Result]:
     return results
 
 
+# ---------------------------------------------------------------- copy_blocks
+
+
+def bench_copy_blocks(setup: Setup) -> list[Result]:
+    """Beam forks: P blocks copied in every layer of the stacked K and V caches."""
+    results = []
+    layers = {SMOLLM2: 30, QWEN2_7B: 28}
+    for model in [SMOLLM2] if setup.quick else [SMOLLM2, QWEN2_7B]:
+        num_blocks = 128
+        shape = (layers[model], num_blocks, BLOCK_SIZE, model.num_kv_heads, model.head_size)
+        k_cache = torch.ones(shape, dtype=setup.dtype, device=setup.device)  # pages touched
+        v_cache = torch.ones_like(k_cache)
+        block_bytes = k_cache[0, 0].numel() * k_cache.element_size()
+        for pairs in [1, 8, 64]:
+            perm = torch.randperm(num_blocks)
+            mapping = torch.stack([perm[:pairs], perm[pairs : 2 * pairs]], dim=1)
+            amount = 2 * 2 * layers[model] * pairs * block_bytes  # K and V, read and write
+            call = partial(ops.copy_blocks, k_cache, v_cache, mapping.to(setup.device))
+            shape_name = f"{model.name} {layers[model]} layers, {pairs} blocks"
+            results += run_backends("copy_blocks", shape_name, setup, call, amount, "GB/s")
+    return results
+
+
 # ---------------------------------------------------------------- top-k logprobs
 
 
@@ -282,7 +307,7 @@ def bench_topk(setup: Setup) -> list[Result]:
             print_row(base)
             for r in found:
                 if r.backend != "reference":
-                    print(f"{'':<10} {'':<44} {r.backend + ' vs torch':<20} {ms / r.ms:>8.1f}x")
+                    print(f"{'':<11} {'':<44} {r.backend + ' vs torch':<20} {ms / r.ms:>8.1f}x")
             results += found + [base]
     return results
 
@@ -319,7 +344,7 @@ CPU_REFERENCE_MAX_MACS = 64 * 3584 * 37888
 
 def print_linear_row(r: Result, gflops: float) -> None:
     speedup = f"{r.speedup:.2f}x" if r.speedup is not None else "-"
-    print(f"{r.kernel:<10} {r.shape:<44} {r.backend:<10} {r.ms:>10.3f} {speedup:>9} "
+    print(f"{r.kernel:<11} {r.shape:<44} {r.backend:<10} {r.ms:>10.3f} {speedup:>9} "
           f"{r.rate:>8.1f} GB/s {gflops:>7.1f} GFLOP/s")  # fmt: skip
     sys.stdout.flush()
 
@@ -381,8 +406,9 @@ def bench_linear(setup: Setup) -> list[Result]:
     return results
 
 
-BENCHES = {"attention": bench_attention, "write_kv": bench_write_kv, "topk": bench_topk,
-           "beam": bench_beam, "linear": bench_linear}  # fmt: skip
+BENCHES = {"attention": bench_attention, "write_kv": bench_write_kv,
+           "copy_blocks": bench_copy_blocks, "topk": bench_topk, "beam": bench_beam,
+           "linear": bench_linear}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

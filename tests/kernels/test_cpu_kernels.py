@@ -240,6 +240,80 @@ def test_write_kv_strided_views_and_bad_slot():
         cpu.write_kv(key, value, k_cache, v_cache, torch.tensor([0, 1, 2, 3, 64]))
 
 
+# ---------------------------------------------------------------- copy_blocks
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """t's raw bytes, so that equality is bitwise (NaN payloads and -0.0 included)."""
+    return t.contiguous().view(torch.uint8)
+
+
+def block_pairs(num_blocks: int, num_pairs: int, ids: torch.dtype, gen: torch.Generator):
+    """[P, 2] (src, dst): distinct destinations, sources drawn (with repeats) from the rest."""
+    perm = torch.randperm(num_blocks, generator=gen)
+    dst, others = perm[:num_pairs], perm[num_pairs:]
+    src = others[torch.randint(0, len(others), (num_pairs,), generator=gen)]
+    return torch.stack([src, dst], dim=1).to(ids)
+
+
+# (num_layers, num_blocks, block_size, H_kv, D); 16 * 3 * 24 floats per block is no power of
+# two; 30 SmolLM2 layers with 8 pairs pass the OpenMP threshold.
+COPY_SHAPES = [(1, 12, 8, 1, 64), (2, 10, 16, 3, 24), (3, 20, 16, 2, 128), (30, 24, 16, 3, 64)]
+
+
+@pytest.mark.parametrize("ids", [torch.int32, torch.int64])
+@pytest.mark.parametrize("num_pairs", [0, 1, 2, 8])
+@pytest.mark.parametrize("shape", COPY_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_copy_blocks(shape, num_pairs, ids):
+    gen = torch.Generator().manual_seed(num_pairs + shape[1])
+    k_cache, v_cache = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    k_cache[:, :, 0, 0, :3] = torch.tensor([float("nan"), -0.0, float("-inf")])
+    block_mapping = block_pairs(shape[1], num_pairs, ids, gen)
+    k_want, v_want = k_cache.clone(), v_cache.clone()
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    reference.copy_blocks(k_want, v_want, block_mapping)
+    cpu.copy_blocks(k_cache, v_cache, block_mapping)
+    assert torch.equal(bits(k_cache), bits(k_want)) and torch.equal(bits(v_cache), bits(v_want))
+    untouched = torch.ones(shape[1], dtype=torch.bool)
+    untouched[block_mapping[:, 1].long()] = False
+    assert torch.equal(bits(k_cache[:, untouched]), bits(k_before[:, untouched]))
+    assert torch.equal(bits(v_cache[:, untouched]), bits(v_before[:, untouched]))
+
+
+def test_copy_blocks_through_ops_and_one_source_many_times():
+    k_cache = torch.arange(2 * 5 * 4 * 1 * 8, dtype=torch.float32).view(2, 5, 4, 1, 8)
+    v_cache = -k_cache
+    k_before = k_cache.clone()
+    ops.copy_blocks(k_cache, v_cache, torch.tensor([[1, 0], [1, 4], [1, 2]]))
+    for dst in (0, 2, 4):
+        assert torch.equal(k_cache[:, dst], k_before[:, 1])
+        assert torch.equal(v_cache[:, dst], -k_before[:, 1])
+    assert torch.equal(k_cache[:, [1, 3]], k_before[:, [1, 3]])
+
+
+def test_copy_blocks_rejects_bad_input():
+    k_cache = torch.randn(2, 6, 8, 2, 16)
+    v_cache = torch.randn_like(k_cache)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    for pairs in ([[0, 6]], [[6, 0]], [[-1, 2]], [[0, 1], [2, -3]], [[0, 1], [10**6, 2]]):
+        for ids in (torch.int32, torch.int64):
+            with pytest.raises(ValueError, match="block id out of range"):
+                cpu.copy_blocks(k_cache, v_cache, torch.tensor(pairs, dtype=ids))
+    # Ids are checked before anything moves.
+    assert torch.equal(k_cache, k_before) and torch.equal(v_cache, v_before)
+    good = torch.tensor([[0, 1]])
+    with pytest.raises(TypeError):
+        cpu.copy_blocks(k_cache.double(), v_cache.double(), good)
+    with pytest.raises(TypeError):
+        cpu.copy_blocks(k_cache, v_cache, good.float())
+    with pytest.raises(ValueError, match=r"\[P, 2\]"):
+        cpu.copy_blocks(k_cache, v_cache, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="num_layers"):
+        cpu.copy_blocks(k_cache[0], v_cache[0], good)
+    with pytest.raises(ValueError, match="contiguous"):
+        cpu.copy_blocks(k_cache.transpose(3, 4), v_cache.transpose(3, 4), good)
+
+
 # ---------------------------------------------------------------- top-k logprobs
 
 

@@ -193,6 +193,81 @@ def test_write_kv_casts_to_cache_dtype():
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
 
 
+# ---------------------------------------------------------------- block copies
+
+# A bitwise copy in the cache's own dtype: every float dtype runs, interpreted too.
+COPY_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """t's raw bytes, so that equality is bitwise (NaN payloads and -0.0 included)."""
+    return t.contiguous().view(torch.uint8)
+
+
+def _block_pairs(num_blocks: int, num_pairs: int, ids: torch.dtype, gen: torch.Generator):
+    """[P, 2] (src, dst): distinct destinations, sources drawn (with repeats) from the rest."""
+    perm = torch.randperm(num_blocks, generator=gen)
+    dst, others = perm[:num_pairs], perm[num_pairs:]
+    src = others[torch.randint(0, len(others), (num_pairs,), generator=gen)]
+    return torch.stack([src, dst], dim=1).to(ids)
+
+
+def _check_copy(k_cache, v_cache, block_mapping):
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    tri.copy_blocks(k_cache, v_cache, block_mapping)
+    ref.copy_blocks(k_ref, v_ref, block_mapping)
+    assert torch.equal(_bits(k_cache), _bits(k_ref)) and torch.equal(_bits(v_cache), _bits(v_ref))
+    untouched = torch.ones(k_cache.shape[1], dtype=torch.bool, device=k_cache.device)
+    untouched[block_mapping[:, 1].long()] = False
+    assert torch.equal(_bits(k_cache[:, untouched]), _bits(k_before[:, untouched]))
+    assert torch.equal(_bits(v_cache[:, untouched]), _bits(v_before[:, untouched]))
+
+
+# (num_layers, num_blocks, block_size, H_kv, D): 16 * 3 * 24 = 1152 elements per block is no
+# power of two (one masked chunk), 16 * 2 * 128 = 4096 takes two full chunks, 8 * 5 * 40 = 1600.
+@pytest.mark.parametrize("ids", [torch.int32, torch.int64])
+@pytest.mark.parametrize("num_pairs", [0, 1, 5])
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 8, 8, 1, 64), (2, 10, 16, 3, 24), (3, 7, 16, 2, 128), (2, 6, 8, 5, 40)],
+    ids=lambda s: "x".join(map(str, s)),
+)
+def test_copy_blocks(shape, num_pairs, ids):
+    gen = _gen(40 + num_pairs)
+    k_cache = torch.randn(shape, generator=gen)
+    k_cache[:, :, 0, 0, :3] = torch.tensor([NEG_INF, float("nan"), -0.0])
+    v_cache = torch.randn(shape, generator=gen)
+    block_mapping = _block_pairs(shape[1], num_pairs, ids, gen).to(DEVICE)
+    _check_copy(k_cache.to(DEVICE), v_cache.to(DEVICE), block_mapping)
+
+
+@pytest.mark.parametrize("dtype", COPY_DTYPES)
+def test_copy_blocks_dtypes(dtype):
+    gen = _gen(50)
+    shape = (3, 9, 16, 3, 24)
+    k_cache = torch.randn(shape, generator=gen).to(DEVICE, dtype)
+    v_cache = torch.randn(shape, generator=gen).to(DEVICE, dtype)
+    _check_copy(k_cache, v_cache, _block_pairs(9, 4, torch.int64, gen).to(DEVICE))
+
+
+def test_copy_blocks_strided_caches_and_dispatch():
+    # Views whose blocks are packed but whose layer and block strides are not the dense ones.
+    gen = _gen(51)
+    k_cache = torch.randn(3, 12, 8, 2, 24, generator=gen).to(DEVICE)[:, ::2]
+    v_cache = torch.randn(3, 8, 8, 2, 24, generator=gen).to(DEVICE)[:, 2:]
+    assert not k_cache.is_contiguous() and not v_cache.is_contiguous()
+    _check_copy(k_cache, v_cache, torch.tensor([[0, 5], [0, 1], [3, 2]], device=DEVICE))
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    block_mapping = torch.tensor([[4, 0]], dtype=torch.int32, device=DEVICE)
+    with ops.use_backend("triton"):
+        ops.copy_blocks(k_cache, v_cache, block_mapping)
+    ref.copy_blocks(k_ref, v_ref, block_mapping)
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+    with pytest.raises(ValueError, match="contiguous"):
+        tri.copy_blocks(k_cache.transpose(3, 4), v_cache.transpose(3, 4), block_mapping)
+
+
 # ---------------------------------------------------------------- top-k logprobs
 
 
@@ -318,7 +393,8 @@ import triton_aot as aot
 
 assert not tri.INTERPRETED
 names = ("paged_attention_kernel", "reduce_splits_kernel", "write_kv_kernel",
-         "chunk_stats_kernel", "chunk_topk_kernel", "merge_topk_kernel", "beam_prune_kernel")
+         "chunk_stats_kernel", "chunk_topk_kernel", "merge_topk_kernel", "beam_prune_kernel",
+         "copy_blocks_kernel")
 recorders = [aot.LaunchRecorder(getattr(tri, name)) for name in names]
 for name, recorder in zip(names, recorders):
     setattr(tri, name, recorder)
@@ -338,6 +414,10 @@ attention(torch.float32, 2, 256, 8, 8, 128, 128, tile_n=32)  # the CUDA float32 
 attention(torch.float32, 8, 1, 24, 8, 64, 8, tile_n=32)
 cache = torch.zeros(8, 16, 4, 128, dtype=torch.float16)
 tri.write_kv(torch.zeros(5, 4, 128), torch.zeros(5, 4, 128), cache, cache, torch.arange(5))
+stacked = torch.zeros(28, 8, 16, 4, 128, dtype=torch.float16)  # Qwen2-7B: two full chunks
+tri.copy_blocks(stacked, stacked, torch.tensor([[0, 1], [0, 2]]))
+stacked = torch.zeros(30, 8, 16, 3, 64, dtype=torch.bfloat16)  # SmolLM2: a masked tail
+tri.copy_blocks(stacked, stacked, torch.tensor([[0, 1]], dtype=torch.int32))
 logits = torch.zeros(4, 152064, dtype=torch.bfloat16)
 for use_sort in (False, True):
     tri.topk_logprobs_with(logits, 20, torch.zeros(4, dtype=torch.long), use_sort=use_sort)
@@ -376,4 +456,4 @@ def test_kernels_compile_for_hopper():
     )
     print(run.stdout)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    assert run.stdout.count("ok ") == 13
+    assert run.stdout.count("ok ") == 15

@@ -56,4 +56,5 @@ class LLM:
                         choice.logprobs += delta.logprobs
                     choice.finish_reason = delta.finish_reason
                     choice.stop_reason = delta.stop_reason
+                    choice.score = delta.score
         return [results[r] for r in order]

@@ -195,7 +195,7 @@ class LLMEngine:
             self._prompt_logprobs(item.seq, logits[item.prompt_rows.start : item.prompt_rows.stop])
             if item.prompt_rows else [] for item in plan.scheduled
         ]
-        sampled = [item for item in plan.sampled if item.seq.beams is None]
+        sampled = _sampling(plan)
         tokens, logprobs = [], []
         if sampled:
             sample_rows = [item.sample_row for item in sampled]
@@ -242,7 +242,7 @@ class LLMEngine:
         """Advance the sequences of `plan` by what `result` computed for them, request by
         request; a request that faults here ends with its error."""
         samples = {id(item): pair for item, pair in
-                   zip(plan.sampled, zip(result.tokens, result.logprobs))}
+                   zip(_sampling(plan), zip(result.tokens, result.logprobs, strict=True))}
         shares: dict[str, list[tuple[ScheduledSeq, list[TokenLogprob], tuple | None]]] = {}
         for item, prompt_logprobs in zip(plan.scheduled, result.prompt_logprobs):
             shares.setdefault(item.seq.request_id, []).append(
@@ -314,7 +314,8 @@ class LLMEngine:
             text = self.tokenizer.decode(hyp.token_ids, p.skip_special_tokens)
             outputs.append(CompletionOutput(
                 rank, cut_at_stop(text, p.stop, p.include_stop_str_in_output), hyp.token_ids,
-                hyp.logprobs if p.logprobs is not None else None, hyp.finish_reason))
+                hyp.logprobs if p.logprobs is not None else None, hyp.finish_reason,
+                score=hyp.score))
         return outputs
 
     def _advance(self, item: ScheduledSeq, prompt_logprobs: list[TokenLogprob],
@@ -414,3 +415,7 @@ class LLMEngine:
             "sleep_level": self.sleep_level,
         }
 
+
+def _sampling(plan: StepPlan) -> list[ScheduledSeq]:
+    """The items of `plan` that sample their next token (beams offer candidates instead)."""
+    return [item for item in plan.sampled if item.seq.beams is None]

@@ -27,6 +27,7 @@ class CompletionOutput:
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    score: float | None = None  # beam search: the hypothesis' length-penalized score
 
 
 @dataclass

@@ -74,6 +74,11 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping):
     return backend_for(key).write_kv(key, value, k_cache, v_cache, slot_mapping)
 
 
+def copy_blocks(k_cache, v_cache, block_mapping):
+    """See `reference.copy_blocks`."""
+    return backend_for(k_cache).copy_blocks(k_cache, v_cache, block_mapping)
+
+
 def topk_logprobs(logits, k, token_ids):
     """See `reference.topk_logprobs`."""
     return backend_for(logits).topk_logprobs(logits, k, token_ids)

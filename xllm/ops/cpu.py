@@ -4,6 +4,8 @@ xllm._C runs the best instruction-set variant of its SIMD kernels that the CPU s
 (`_C.isa()`); XLLM_CPU_ISA=generic|avx2|avx512 forces one at import, `_C.set_isa` later.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -32,6 +34,17 @@ def _cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     _require_cpu_f32("v_cache", v_cache)
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError("k_cache and v_cache must both be [num_blocks, block_size, H_kv, D]")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("the KV caches must be contiguous")
+
+
+def _stacked_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    _require_cpu_f32("k_cache", k_cache)
+    _require_cpu_f32("v_cache", v_cache)
+    if k_cache.dim() != 5 or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            "k_cache and v_cache must both be [num_layers, num_blocks, block_size, H_kv, D]"
+        )
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("the KV caches must be contiguous")
 
@@ -110,6 +123,25 @@ def write_kv(
         k_cache.data_ptr(), v_cache.data_ptr(), slot_mapping.data_ptr(),
         slot_mapping.dtype == torch.int64, num_tokens, num_kv_heads * head_size,
         num_blocks * block_size,
+    )  # fmt: skip
+
+
+def copy_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor, block_mapping: torch.Tensor) -> None:
+    """See `xllm.ops.reference.copy_blocks` (float32 only)."""
+    _stacked_cache_pair(k_cache, v_cache)
+    if block_mapping.dim() != 2 or block_mapping.shape[1] != 2:
+        raise ValueError(f"block_mapping must be [P, 2], got {list(block_mapping.shape)}")
+    if block_mapping.dtype not in _INDEX_DTYPES or not block_mapping.is_cpu:
+        raise TypeError(
+            f"block_mapping must be an int32 or int64 CPU tensor, got {block_mapping.dtype} "
+            f"on {block_mapping.device}"
+        )
+    block_mapping = block_mapping.contiguous()
+    num_layers, num_blocks = k_cache.shape[:2]
+    _C.copy_blocks(
+        k_cache.data_ptr(), v_cache.data_ptr(), block_mapping.data_ptr(),
+        block_mapping.dtype == torch.int64, block_mapping.shape[0], num_layers, num_blocks,
+        math.prod(k_cache.shape[2:]),
     )  # fmt: skip
 
 

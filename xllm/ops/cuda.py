@@ -7,13 +7,14 @@ kernel tests run without a GPU.
 
 import contextlib
 import functools
+import math
 
 import torch
 import triton
 
 from xllm_triton.attention import LOG2E, paged_attention_kernel, reduce_splits_kernel
 from xllm_triton.beam import beam_prune_kernel
-from xllm_triton.cache import write_kv_kernel
+from xllm_triton.cache import copy_blocks_kernel, write_kv_kernel
 from xllm_triton.logprobs import chunk_stats_kernel, chunk_topk_kernel, merge_topk_kernel
 
 # Linear layers on CUDA are cuBLAS's job (tuned GEMMs and tensor cores); a Triton GEMM here
@@ -24,6 +25,7 @@ INTERPRETED = not isinstance(write_kv_kernel, triton.runtime.JITFunction)
 VOCAB_CHUNK = 4096
 MIN_SPLIT_TOKENS = 512
 MAX_SPLITS = 64
+COPY_CHUNK = 2048  # elements a copy_blocks program moves per step (a power of two)
 
 
 def _next_pow2(n: int) -> int:
@@ -174,6 +176,31 @@ def write_kv(
             NUM_KV_HEADS=num_kv_heads, HEAD_SIZE=head_size,
             HEADS_PAD=_next_pow2(num_kv_heads), HEAD_PAD=_next_pow2(head_size),
             BLOCK_SIZE=block_size,
+        )  # fmt: skip
+
+
+def copy_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor, block_mapping: torch.Tensor) -> None:
+    """See `xllm.ops.reference.copy_blocks`."""
+    if k_cache.dim() != 5 or k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype:
+        raise ValueError(
+            "k_cache and v_cache must both be [num_layers, num_blocks, block_size, H_kv, D]"
+        )
+    if block_mapping.dim() != 2 or block_mapping.shape[1] != 2:
+        raise ValueError(f"block_mapping must be [P, 2], got {list(block_mapping.shape)}")
+    if block_mapping.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"block_mapping must be int32 or int64, got {block_mapping.dtype}")
+    num_pairs, num_layers = block_mapping.shape[0], k_cache.shape[0]
+    block_numel = math.prod(k_cache.shape[2:])
+    if num_pairs == 0 or num_layers == 0 or block_numel == 0:
+        return
+    if not (k_cache[0, 0].is_contiguous() and v_cache[0, 0].is_contiguous()):
+        raise ValueError("each block of the KV caches must be contiguous")
+    block_mapping = block_mapping.to(k_cache.device).contiguous()
+    with _launch_context(k_cache):
+        copy_blocks_kernel[(num_pairs, num_layers)](
+            k_cache, v_cache, block_mapping,
+            k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+            BLOCK_NUMEL=block_numel, CHUNK=min(COPY_CHUNK, _next_pow2(block_numel)),
         )  # fmt: skip
 
 

@@ -68,6 +68,20 @@ def write_kv(
     v_cache.view(-1, num_kv_heads, head_size)[slots] = value[keep].to(v_cache.dtype)
 
 
+def copy_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor, block_mapping: torch.Tensor) -> None:
+    """Copy whole KV cache blocks in every layer, in place (copy-on-write of beam forks).
+
+    k_cache, v_cache: the stacked caches [num_layers, num_blocks, block_size, H_kv, D].
+    block_mapping: [P, 2] int64 (or int32) pairs (src, dst): in every layer, block dst of
+       both caches becomes a copy of block src. A source may appear in several pairs;
+       destinations are distinct and never a source in the same call (not checked here).
+       P may be 0. Ids must lie in 0..num_blocks-1 (here torch's indexing raises past the end).
+    """
+    src, dst = block_mapping.long().unbind(1)
+    k_cache[:, dst] = k_cache[:, src]
+    v_cache[:, dst] = v_cache[:, src]
+
+
 def topk_logprobs(
     logits: torch.Tensor, k: int, token_ids: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
