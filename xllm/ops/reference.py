@@ -42,8 +42,8 @@ def paged_attention(
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q[start:end].float(), k) * scale
-        query_pos = torch.arange(seq_len - q_len, seq_len)
-        future = torch.arange(seq_len)[None, :] > query_pos[:, None]
+        query_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+        future = torch.arange(seq_len, device=q.device)[None, :] > query_pos[:, None]
         scores.masked_fill_(future, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out[start:end] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
@@ -116,7 +116,8 @@ def beam_prune(
     groups, width, cands = cand_tokens.shape
     scores = (beam_scores.float()[:, :, None] + cand_logprobs.float()).reshape(groups, -1)
     tokens = cand_tokens.reshape(groups, -1)
-    parents = torch.arange(width).repeat_interleave(cands).expand(groups, -1)
+    parents = torch.arange(width, device=cand_tokens.device).repeat_interleave(cands)
+    parents = parents.expand(groups, -1)
     # Stable sorts from the least to the most significant key.
     order = torch.sort(tokens, dim=1, stable=True).indices
     order = order.gather(1, torch.sort(parents.gather(1, order), dim=1, stable=True).indices)
