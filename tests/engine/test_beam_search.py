@@ -208,3 +208,17 @@ def test_a_preempted_group_gives_the_same_beams(smol_hf, smol_prompts, monkeypat
     assert [c.token_ids for c in outs[-1].outputs] == [c.token_ids for c in alone.outputs]
     for got, want in zip(outs, alone_greedy):
         assert got.outputs[0].token_ids == want.outputs[0].token_ids
+
+
+def test_a_stop_string_ends_a_beam_like_eos(smol_llm, smol_prompts):
+    ids = smol_prompts["length"]
+    free = run(smol_llm, [ids], beam_params(2, 16, ignore_eos=True))[0]
+    words = free.outputs[0].text.split()
+    stop = words[len(words) // 2]  # a word the best beam reaches midway
+    out = run(smol_llm, [ids], beam_params(2, 16, ignore_eos=True, stop=[stop]))[0]
+    assert len(out.outputs) == 2
+    assert any(c.finish_reason == "stop" for c in out.outputs)
+    for choice in out.outputs:
+        assert stop not in choice.text
+        if choice.finish_reason == "stop":
+            assert len(choice.token_ids) < 16
