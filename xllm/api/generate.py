@@ -8,6 +8,7 @@ in-flight limit, the engine requests, streaming or collecting until the
 client leaves (499), engine errors, and releasing everything at the end.
 """
 
+import asyncio
 import logging
 import time
 import uuid
@@ -22,8 +23,8 @@ from fastapi.responses import JSONResponse, Response
 from xllm.api import guards
 from xllm.api.context import ServingContext, api_error
 from xllm.api.errors import error_event
-from xllm.api.metrics import RequestTimer, request_timer
-from xllm.api.protocol import SamplingRequest
+from xllm.api.metrics import CLIENT_CLOSED, RequestTimer, request_timer
+from xllm.api.protocol import GenerationRequest
 from xllm.api.streaming import (
     DONE,
     ChunkWriter,
@@ -85,6 +86,13 @@ class Renderer:
         """A collected response's choice."""
         raise NotImplementedError
 
+    def choices(self, choices: list[Choice]) -> list[dict]:
+        """A collected response's choices."""
+        return [self.choice(c) for c in choices]
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> dict:
+        return usage_dict(prompt_tokens, completion_tokens)
+
 
 @dataclass
 class Generation:
@@ -96,6 +104,8 @@ class Generation:
     params: SamplingParams
     renderer: Renderer
     param_names: dict[str, str] = field(default_factory=dict)
+    request_id: str | None = None  # an id the request body chose (/v1/sample's request_id)
+    summary: str | None = None  # what the log says of the request, instead of the default
 
     @property
     def num_seqs(self) -> int:
@@ -103,7 +113,7 @@ class Generation:
         return len(self.prompts) * self.params.num_choices
 
 
-Req = TypeVar("Req", bound=SamplingRequest)
+Req = TypeVar("Req", bound=GenerationRequest)
 
 
 async def serve_generation(
@@ -116,17 +126,22 @@ async def serve_generation(
     timer = request_timer(request.scope, ctx.metrics)
     ctx.check_model(req.model)
     gen = await prepare(ctx, req)
-    request_id = guards.request_id(request.scope, gen.renderer.id_prefix)
+    request_id = gen.request_id or guards.request_id(request.scope, gen.renderer.id_prefix)
+    chosen = gen.request_id is not None or guards.header_request_id(request.scope) is not None
     ctx.acquire(gen.num_seqs)
     try:
-        streams = _add_requests(ctx, _engine_id(request_id, request.scope), gen)
+        streams = _add_requests(ctx, _engine_id(request_id, chosen), gen)
     except Exception as exc:
         ctx.release(gen.num_seqs)
         raise api_error(exc, request_id, gen.param_names) from None
     prompt_tokens = sum(len(p) for p in gen.prompts)
-    logger.info("%s: %s, %d prompt(s) of %s tokens, %d choice(s), max_tokens=%s, stream=%s",
-                request_id, gen.kind, len(gen.prompts), ",".join(str(len(p)) for p in gen.prompts),
-                gen.params.num_choices, gen.params.max_tokens, bool(req.stream))
+    if gen.summary is not None:
+        logger.info("%s: %s", request_id, gen.summary)
+    else:
+        logger.info("%s: %s, %d prompt(s) of %s tokens, %d choice(s), max_tokens=%s, "
+                    "stream=%s", request_id, gen.kind, len(gen.prompts),
+                    ",".join(str(len(p)) for p in gen.prompts), gen.params.num_choices,
+                    gen.params.max_tokens, bool(req.stream))
     job = _Job(ctx, request_id, gen, streams, prompt_tokens, timer)
     headers = {"X-Request-Id": request_id}
     if req.stream:
@@ -135,7 +150,7 @@ async def serve_generation(
         body = await until_disconnect(request, job.collect())
     except ClientDisconnected:
         logger.info("%s: client disconnected, aborted", request_id)
-        return Response(status_code=499)
+        return Response(status_code=CLIENT_CLOSED)
     except Exception as exc:
         err = api_error(exc, request_id)
         logger.info("%s: failed (%s)", request_id, err.body()["error"]["code"])
@@ -145,12 +160,10 @@ async def serve_generation(
     return JSONResponse(body, headers=headers)
 
 
-def _engine_id(request_id: str, scope: dict) -> str:
-    """The engine's id of a request: its own id, made unique when the client chose it (a
-    client may send the same X-Request-Id twice)."""
-    if guards.header_request_id(scope) is None:
-        return request_id
-    return f"{request_id}/{uuid.uuid4().hex[:8]}"
+def _engine_id(request_id: str, chosen: bool) -> str:
+    """The engine's id of a request: its own id, made unique when the client `chosen` it
+    (a client may send the same id twice)."""
+    return f"{request_id}/{uuid.uuid4().hex[:8]}" if chosen else request_id
 
 
 def _add_requests(ctx: ServingContext, request_id: str, gen: Generation) -> list[OutputStream]:
@@ -186,12 +199,16 @@ class _Job:
         self.prompt_logprobs: dict[int, list] = {}
         self.completion_tokens = 0
         self._closed = False
+        self._ended = False  # served to the end (`_done`)
 
     def close(self) -> None:
-        """Abort what is still running and leave the in-flight count; once."""
+        """Abort what is still running and leave the in-flight count; once. A request that
+        did not get to its end still counts its tokens."""
         if self._closed:
             return
         self._closed = True
+        if not self._ended:
+            self.timer.count_tokens(self.prompt_tokens, self.completion_tokens)
         for stream in self.streams:
             stream.close()
         self.ctx.release(self.gen.num_seqs)
@@ -216,6 +233,7 @@ class _Job:
         return news
 
     def _done(self, first_token_at: float | None = None) -> None:
+        self._ended = True
         self.timer.finish(self.prompt_tokens, self.completion_tokens)
         elapsed = time.perf_counter() - self.start
         if first_token_at is None:
@@ -237,8 +255,8 @@ class _Job:
             "object": renderer.object,
             "created": self.created,
             "model": self.ctx.model_name,
-            "choices": [renderer.choice(c) for c in self.choices],
-            "usage": usage_dict(self.prompt_tokens, self.completion_tokens),
+            "choices": renderer.choices(self.choices),
+            "usage": renderer.usage(self.prompt_tokens, self.completion_tokens),
         }
 
     async def events(self, include_usage: bool):
@@ -261,6 +279,9 @@ class _Job:
             self._done(first_token_at or time.perf_counter())
             if include_usage:
                 yield writer.usage(usage_dict(self.prompt_tokens, self.completion_tokens))
+        except (GeneratorExit, asyncio.CancelledError):  # the client left mid-stream
+            self.timer.disconnected = True
+            raise
         except Exception as exc:
             self.timer.failed = True
             err = api_error(exc, self.request_id)

@@ -43,6 +43,12 @@ CLOSE = {"Connection": "close"}  # for refusals answered before the body's end w
 Check = Callable[[Scope, Headers], APIError | None]
 
 
+def usable_id(text: str) -> bool:
+    """Whether a client's request id can be used as is: printable ASCII, no spaces, at most
+    128 characters."""
+    return _USABLE_ID.fullmatch(text) is not None
+
+
 def header_request_id(scope: Scope) -> str | None:
     """The client's X-Request-Id when it is usable, else None."""
     return scope.get(REQUEST_ID_KEY)
@@ -69,7 +75,7 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         given = Headers(scope=scope).get("x-request-id")
-        scope[REQUEST_ID_KEY] = given if given and _USABLE_ID.fullmatch(given) else None
+        scope[REQUEST_ID_KEY] = given if given and usable_id(given) else None
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":

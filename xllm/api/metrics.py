@@ -9,6 +9,7 @@ from bisect import bisect_left
 from collections.abc import Mapping
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+CLIENT_CLOSED = 499  # nginx's status for a request whose client went away; no body is sent
 
 # Seconds. TTFT and e2e span CPU prefill of long prompts; ITL is one decode step.
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
@@ -51,7 +52,7 @@ class RequestTimer:
     """One generation request's clock: TTFT at its first engine output, ITL between later
     outputs of the same prompt, e2e and token counts when it finishes."""
 
-    __slots__ = ("metrics", "start", "first", "last", "failed")
+    __slots__ = ("metrics", "start", "first", "last", "failed", "disconnected")
 
     def __init__(self, metrics: "Metrics") -> None:
         self.metrics = metrics
@@ -59,6 +60,7 @@ class RequestTimer:
         self.first: float | None = None
         self.last: dict[int, float] = {}
         self.failed = False  # set when a stream ends in an error event after a 200
+        self.disconnected = False  # set when the client left before the end
 
     def output(self, prompt_index: int = 0) -> None:
         now = time.perf_counter()
@@ -73,6 +75,10 @@ class RequestTimer:
     def finish(self, prompt_tokens: int, generation_tokens: int) -> None:
         """A request served to the end."""
         self.metrics.e2e.observe(time.perf_counter() - self.start)
+        self.count_tokens(prompt_tokens, generation_tokens)
+
+    def count_tokens(self, prompt_tokens: int, generation_tokens: int) -> None:
+        """Tokens a request used, whether it ended well or not."""
         self.metrics.prompt_tokens += prompt_tokens
         self.metrics.generation_tokens += generation_tokens
 
@@ -84,6 +90,8 @@ class Metrics:
         self.requests: dict[tuple[str, str, str], int] = {}  # (endpoint, status, outcome)
         self.prompt_tokens = 0
         self.generation_tokens = 0
+        self.sample_requests = 0
+        self.sample_points = 0
         self.ttft = Histogram(TTFT_BUCKETS)
         self.itl = Histogram(ITL_BUCKETS)
         self.e2e = Histogram(E2E_BUCKETS)
@@ -91,9 +99,18 @@ class Metrics:
     def timer(self) -> RequestTimer:
         return RequestTimer(self)
 
-    def count_request(self, path: str, status: int, failed: bool = False) -> None:
+    def count_sample(self, points: int) -> None:
+        """A /v1/sample request and its number of sample points."""
+        self.sample_requests += 1
+        self.sample_points += points
+
+    def count_request(self, path: str, status: int, failed: bool = False,
+                      disconnected: bool = False) -> None:
         endpoint = path if path in ENDPOINTS else "other"
-        outcome = "error" if failed or status >= 400 else "success"
+        if disconnected or status == CLIENT_CLOSED:
+            outcome = "disconnected"
+        else:
+            outcome = "error" if failed or status >= 400 else "success"
         key = (endpoint, str(status), outcome)
         self.requests[key] = self.requests.get(key, 0) + 1
 
@@ -114,7 +131,8 @@ class Metrics:
             family(name, kind, help_text, [f"{name} {_number(value)}"])
 
         family("xllm_requests_total", "counter",
-               "HTTP requests by endpoint, status code and outcome (success or error).",
+               "HTTP requests by endpoint, status code and outcome (success, error, or "
+               "disconnected: the client left before the end).",
                [f'xllm_requests_total{{endpoint="{e}",status="{s}",outcome="{o}"}} {n}'
                 for (e, s, o), n in sorted(self.requests.items())])
         single("xllm_num_requests_running", "gauge", "Sequences being run by the engine.",
@@ -137,6 +155,10 @@ class Metrics:
                self.prompt_tokens)
         single("xllm_generation_tokens_total", "counter",
                "Generated tokens of finished requests.", self.generation_tokens)
+        single("xllm_sample_requests_total", "counter", "/v1/sample requests taken.",
+               self.sample_requests)
+        single("xllm_sample_points_total", "counter",
+               "Sample points (selector matches) of /v1/sample requests.", self.sample_points)
         family("xllm_time_to_first_token_seconds", "histogram",
                "Time from request arrival to its first engine output.",
                self.ttft.lines("xllm_time_to_first_token_seconds"))
@@ -188,4 +210,5 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            self.metrics.count_request(scope.get("path", ""), status, timer.failed)
+            self.metrics.count_request(scope.get("path", ""), status, timer.failed,
+                                       timer.disconnected)

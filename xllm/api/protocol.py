@@ -1,4 +1,5 @@
-"""Pydantic request models of the OpenAI chat and completions APIs (strict JSON types)."""
+"""Pydantic request models of the OpenAI chat and completions APIs and of /v1/sample (strict
+JSON types)."""
 
 from typing import Any, Literal
 
@@ -22,10 +23,21 @@ class ChatMessage(_Strict):
     name: str | None = None
 
 
-class SamplingRequest(_Strict):
-    """The fields chat and completions share; None means "not set"."""
+class GenerationRequest(_Strict):
+    """What every generating endpoint's request has."""
 
     model: str
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class SamplingRequest(GenerationRequest):
+    """The fields chat and completions share; None means "not set"."""
+
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -39,8 +51,6 @@ class SamplingRequest(_Strict):
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
@@ -49,10 +59,6 @@ class SamplingRequest(_Strict):
     beam_width: int | None = None
     length_penalty: float | None = None
     early_stopping: bool | Literal["never"] | None = None
-
-    @property
-    def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -73,3 +79,17 @@ class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = None
     echo: bool | None = None
+
+
+class Selector(_Strict):
+    type: str = "literal"
+    value: str
+
+
+class SampleRequest(GenerationRequest):
+    """POST /v1/sample (API.md section 4)."""
+
+    prompt: str
+    selector: Selector
+    logprobs: int | None = None
+    request_id: str | None = None

@@ -16,15 +16,13 @@ from xllm.api.context import ServingContext, api_error
 from xllm.api.errors import APIError, error_response, from_validation_error, invalid, quoted
 from xllm.api.generate import serve_generation
 from xllm.api.guards import add_guards, request_id
-from xllm.api.metrics import CONTENT_TYPE, MetricsMiddleware
-from xllm.api.protocol import ChatCompletionRequest, CompletionRequest
+from xllm.api.metrics import CLIENT_CLOSED, CONTENT_TYPE, MetricsMiddleware
+from xllm.api.protocol import ChatCompletionRequest, CompletionRequest, SampleRequest
+from xllm.api.sample import prepare_sample
 from xllm.config import ServerConfig
 from xllm.engine.protocol import EngineClient
 
 logger = logging.getLogger("xllm.api")
-
-
-CLIENT_CLOSED = 499  # nginx's status for a request whose client went away; no body is sent
 
 
 async def guarded(request: Request, work):
@@ -131,6 +129,11 @@ def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     async def completions(request: Request) -> Response:
         req = await parse_body(request, CompletionRequest)
         return await guarded(request, serve_generation(ctx, request, req, prepare_completion))
+
+    @app.post("/v1/sample")
+    async def sample(request: Request) -> Response:
+        req = await parse_body(request, SampleRequest)
+        return await guarded(request, serve_generation(ctx, request, req, prepare_sample))
 
     @app.get("/v1/models")
     async def models() -> dict:

@@ -172,7 +172,11 @@ class AsyncEngine:
     async def text_prompt(self, text: str) -> PromptInput:
         return await self._off_loop(self.processor.text, text)
 
-    async def _off_loop(self, fn: Callable[..., PromptInput], *args: Any) -> PromptInput:
+    async def pieces_prompt(self, pieces: list[str]) -> tuple[PromptInput, list[int]]:
+        """The prompt of texts tokenized one by one, and where each piece starts."""
+        return await self._off_loop(self.processor.pieces, pieces)
+
+    async def _off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
         self._check_running()
         return await asyncio.get_running_loop().run_in_executor(self._text_worker, fn, *args)
 

@@ -192,7 +192,7 @@ class LLMEngine:
         """The model's forward pass and sampling for `plan`, changing no sequence."""
         logits = self.runner.run(plan.inputs())
         prompt_logprobs = [
-            self._prompt_logprobs(item.seq, logits[item.prompt_rows.start : item.prompt_rows.stop])
+            self._position_logprobs(item, logits[item.prompt_rows.start : item.prompt_rows.stop])
             if item.prompt_rows else [] for item in plan.scheduled
         ]
         sampled = _sampling(plan)
@@ -323,7 +323,8 @@ class LLMEngine:
         """One sequence takes its share of a step; its news, if any."""
         seq = item.seq
         if prompt_logprobs:
-            seq.prompt_logprobs.extend(prompt_logprobs)
+            taken = seq.point_logprobs if seq.params.sample_points else seq.prompt_logprobs
+            taken.extend(prompt_logprobs)
         seq.num_computed += item.num_new_tokens
         self.block_manager.commit(seq)
         if sample is not None:
@@ -333,19 +334,26 @@ class LLMEngine:
         return None
 
     def _end_scored(self, seq: Sequence) -> CompletionOutput:
-        """Finish a sequence that generates nothing (max_tokens 0: its prompt is scored)."""
+        """Finish a sequence that generates nothing (max_tokens 0: its prompt is scored, or
+        its sample points' distributions are its logprobs)."""
         seq.finish_reason = "length"
         self.scheduler.finish(seq)
-        return CompletionOutput(seq.index, "", [], None if seq.params.logprobs is None else [],
-                                "length")
+        logprobs = seq.point_logprobs if seq.params.sample_points else \
+            None if seq.params.logprobs is None else []
+        return CompletionOutput(seq.index, "", [], logprobs, "length")
 
-    def _prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> list[TokenLogprob]:
-        """The logprobs of the prompt tokens that follow the rows of `logits`."""
-        first = len(seq.prompt_logprobs)
-        targets = torch.tensor(seq.token_ids[first : first + logits.shape[0]], dtype=torch.long)
-        k = max(1, seq.params.prompt_logprobs)
-        values, indices, chosen = ops.topk_logprobs(logits, k, targets)
-        n = seq.params.prompt_logprobs
+    def _position_logprobs(self, item: ScheduledSeq, logits: torch.Tensor
+                           ) -> list[TokenLogprob]:
+        """The next-token logprobs at the positions of `item` whose rows `logits` are: each
+        with the prompt's own next token (prompt logprobs) and the top candidates."""
+        seq = item.seq
+        positions = seq.logit_positions(item.start, item.start + item.num_new_tokens)
+        last = seq.num_tokens - 1
+        targets = torch.tensor([seq.token_ids[min(p + 1, last)] for p in positions],
+                               dtype=torch.long)
+        p = seq.params
+        n = p.logprobs if p.sample_points else p.prompt_logprobs
+        values, indices, chosen = ops.topk_logprobs(logits, max(1, n), targets)
         return [TokenLogprob(t, c, list(zip(ids[:n], vals[:n])))
                 for t, c, vals, ids in zip(targets.tolist(), chosen.tolist(), values.tolist(),
                                            indices.tolist())]

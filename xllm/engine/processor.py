@@ -43,6 +43,18 @@ class InputProcessor:
         self._check_chars(len(text), "prompt")
         return PromptInput.of(self.tokenizer.encode(text, add_special_tokens=True))
 
+    def pieces(self, pieces: list[str]) -> tuple[PromptInput, list[int]]:
+        """The prompt of texts tokenized one by one (so that each piece starts on a token
+        boundary; the tokenizer's special tokens, e.g. BOS, come first), and the token
+        position where each piece starts."""
+        self._check_chars(sum(len(piece) for piece in pieces), "prompt")
+        ids = self.tokenizer.encode("", add_special_tokens=True)
+        starts = []
+        for piece in pieces:
+            starts.append(len(ids))
+            ids += self.tokenizer.encode(piece, add_special_tokens=False)
+        return PromptInput.of(ids), starts
+
     def check(self, prompt: PromptInput, params: SamplingParams) -> None:
         """Raise InvalidParameter if this request cannot be served as asked."""
         params.validate()
@@ -56,6 +68,9 @@ class InputProcessor:
         n, limit, vocab = len(prompt), self.max_model_len, self.vocab_size
         if n == 0:
             raise InvalidParameter("prompt", "the prompt is empty")
+        points = params.sample_points
+        if points and not 0 <= points[0] <= points[-1] < n:
+            raise InvalidParameter("sample_points", "sample points must be prompt positions")
         for i, token_id in enumerate(prompt.token_ids):
             if not 0 <= token_id < vocab:
                 raise InvalidParameter(

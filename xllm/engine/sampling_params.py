@@ -40,6 +40,9 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    # /v1/sample: prompt positions whose next-token distributions are wanted (sorted; with
+    # max_tokens 0 and `logprobs` candidates each), computed in the prompt's prefill
+    sample_points: tuple[int, ...] = ()
     beam_width: int = 1  # above 1: beam search (API.md section 3)
     length_penalty: float = 1.0
     early_stopping: bool | str = False  # True, False or "never", as in transformers
@@ -86,6 +89,11 @@ class SamplingParams:
              "prompt_logprobs", f"must be in [0, {MAX_LOGPROBS}]"),
             (self.seed is None or SEED_RANGE[0] <= self.seed <= SEED_RANGE[1],
              "seed", "is out of range"),
+            (not self.sample_points or (self.max_tokens == 0 and self.logprobs
+                                        and self.prompt_logprobs is None), "sample_points",
+             "need max_tokens 0, logprobs of at least 1 and no prompt_logprobs"),
+            (list(self.sample_points) == sorted(set(self.sample_points)), "sample_points",
+             "must be increasing"),
             (self.beam_width >= 1, "beam_width", "must be at least 1"),
             (self.beam_width == 1 or self.n == 1, "n", "must be 1 with beam search"),
             (math.isfinite(self.length_penalty), "length_penalty", "must be finite"),

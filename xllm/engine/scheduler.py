@@ -30,8 +30,9 @@ class ScheduledSeq:
 
     `logit_offsets` are the offsets into this step's tokens whose next-token
     logits are wanted, in row order: first the prompt positions whose logprobs
-    are asked for (`prompt_rows`), then the last token when the sequence samples
-    its next token from row `sample_row`.
+    are asked for (`prompt_rows`: prompt logprobs, or the sample points of
+    /v1/sample), then the last token when the sequence samples its next token
+    from row `sample_row`.
     """
 
     seq: Sequence
@@ -68,10 +69,7 @@ def plan_rows(chunks: list[tuple[Sequence, int]]) -> StepPlan:
     scheduled, row = [], 0
     for seq, n in chunks:
         start, end = seq.num_computed, seq.num_computed + n
-        offsets = []
-        if seq.needs_prompt_logprobs:
-            first = max(start, len(seq.prompt_logprobs) - 1)
-            offsets = [p - start for p in range(first, min(end, seq.num_prompt_tokens - 1))]
+        offsets = [p - start for p in seq.logit_positions(start, end)]
         prompt_rows = range(row, row + len(offsets))
         sample_row = None
         if end == seq.num_tokens and seq.params.max_tokens != 0:
@@ -157,8 +155,8 @@ class Scheduler:
             [seq for seq in first.beams if seq.status is Status.WAITING]
         chunks, needed = [], 0
         for seq in unit:
-            if not seq.block_table and not seq.needs_prompt_logprobs:
-                seq.num_computed = self.blocks.allocate_prefix(seq)
+            if not seq.block_table:
+                seq.num_computed = self.blocks.allocate_prefix(seq, seq.cacheable_prefix)
             n = min(seq.num_tokens - seq.num_computed, budget)
             needed += self.blocks.blocks_needed(seq, seq.num_computed + n)
             chunks.append((seq, n))

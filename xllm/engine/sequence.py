@@ -43,6 +43,7 @@ class Sequence:
     beams: "list[Sequence] | None" = None  # beam search: the group's live beams (shared list)
     generator: torch.Generator | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    point_logprobs: list[TokenLogprob] = field(default_factory=list)  # /v1/sample's points
     finish_reason: str | None = None
     stop_reason: str | int | None = None
 
@@ -75,6 +76,24 @@ class Sequence:
         return self.prompt_logprobs is not None and (
             len(self.prompt_logprobs) < self.num_prompt_tokens
         )
+
+    def logit_positions(self, start: int, end: int) -> list[int]:
+        """The prompt positions in [start, end) whose next-token logprobs are asked for:
+        the sample points, or every position still missing its prompt logprobs."""
+        if self.params.sample_points:
+            return [p for p in self.params.sample_points if start <= p < end]
+        if not self.needs_prompt_logprobs:
+            return []
+        first = max(start, len(self.prompt_logprobs) - 1)
+        return list(range(first, min(end, self.num_prompt_tokens - 1)))
+
+    @property
+    def cacheable_prefix(self) -> int:
+        """How many leading tokens may come from the prefix cache: none of the positions
+        whose logits are asked for."""
+        if self.params.sample_points:
+            return self.params.sample_points[0]
+        return 0 if self.needs_prompt_logprobs else self.num_tokens
 
     @property
     def finished(self) -> bool:
