@@ -50,18 +50,32 @@ def test_smollm2_sample_points_match_transformers(smol_llm, smol_hf):
     check_points(smol_llm, model, TEXT, "smollm2")
 
 
-def test_sample_points_use_and_fill_the_prefix_cache(smol_llm):
-    manager = smol_llm.engine.block_manager
+def test_sample_points_use_and_fill_the_prefix_cache(smol_llm, smol_hf, monkeypatch):
+    """A second request on a cached prompt runs only its points' tokens again (without
+    writing the cache) and gets the same distributions, transformers' within 1e-4."""
+    model, _ = smol_hf
+    engine, manager = smol_llm.engine, smol_llm.engine.block_manager
     text = " ".join(["The quick brown fox jumps over the lazy dog."] * 12)
-    ids, _ = marked(smol_llm.engine.processor, text + " <emb_0>", "<emb_0>")
-    params = SamplingParams(max_tokens=0, logprobs=K, sample_points=(len(ids) - 6,))
+    ids, _ = marked(engine.processor, text + " <emb_0>", "<emb_0>")
+    params = SamplingParams(max_tokens=0, logprobs=K, sample_points=(10, 50, len(ids) - 6))
     first = run(smol_llm, [ids], params)[0].outputs[0].logprobs
     hits = manager.hits
+    runner_run, computed = engine.runner.run, []
+
+    def counted(batch):
+        computed.extend(len(s.token_ids) for s in batch)
+        return runner_run(batch)
+
+    monkeypatch.setattr(engine.runner, "run", counted)
     again = run(smol_llm, [ids], params)[0].outputs[0].logprobs
+    monkeypatch.undo()
     assert manager.hits > hits, "the second request found nothing in the prefix cache"
-    (want,), (got,) = first, again
-    assert [t for t, _ in got.top] == [t for t, _ in want.top]
-    assert [v for _, v in got.top] == pytest.approx([v for _, v in want.top], abs=1e-4)
+    assert sum(computed) < len(ids) // 4, f"{sum(computed)} of {len(ids)} tokens run again"
+    ref = torch.log_softmax(hf_prompt_logits(model, ids), dim=-1)
+    for point, want, got in zip(params.sample_points, first, again, strict=True):
+        assert [t for t, _ in got.top] == [t for t, _ in want.top]
+        assert [v for _, v in got.top] == pytest.approx([v for _, v in want.top], abs=1e-4)
+        assert_top_logprobs(got.top, ref[point], K, f"cached point {point}")
 
 
 @pytest.fixture(scope="module")

@@ -55,17 +55,15 @@ class BlockManager:
         bs = self.block_size
         return BlockKey(parent, tuple(seq.token_ids[index * bs : (index + 1) * bs]))
 
-    def allocate_prefix(self, seq: Sequence, limit: int | None = None) -> int:
-        """Give a new sequence the cached blocks of its longest known prefix, of at most
-        `limit` tokens (None: any).
+    def allocate_prefix(self, seq: Sequence) -> int:
+        """Give a new sequence the cached blocks of its longest known prefix.
 
         At least one token is left to compute, so the sequence gets logits.
         Returns the number of tokens found in the cache.
         """
         if not self.prefix_caching:
             return 0
-        usable = seq.num_tokens - 1 if limit is None else min(seq.num_tokens - 1, limit)
-        candidates = usable // self.block_size
+        candidates = (seq.num_tokens - 1) // self.block_size
         self.queries += candidates
         parent = b""
         for i in range(candidates):

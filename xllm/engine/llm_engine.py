@@ -220,7 +220,8 @@ class LLMEngine:
         raises. Returns the parts that went through and the failed requests' outputs."""
         shares: dict[str, list[tuple[Sequence, int]]] = {}
         for item in plan.scheduled:
-            shares.setdefault(item.seq.request_id, []).append((item.seq, item.num_new_tokens))
+            if not item.revisit:  # plan_rows plans the revisits again
+                shares.setdefault(item.seq.request_id, []).append((item.seq, item.num_new_tokens))
         parts, failed = [], []
         for request_id, chunks in shares.items():
             part = plan_rows(chunks)
@@ -325,11 +326,12 @@ class LLMEngine:
         if prompt_logprobs:
             taken = seq.point_logprobs if seq.params.sample_points else seq.prompt_logprobs
             taken.extend(prompt_logprobs)
-        seq.num_computed += item.num_new_tokens
-        self.block_manager.commit(seq)
+        if not item.revisit:
+            seq.num_computed += item.num_new_tokens
+            self.block_manager.commit(seq)
         if sample is not None:
             return self._append(seq, *sample)
-        if seq.params.max_tokens == 0 and seq.prompt_computed:
+        if seq.params.max_tokens == 0 and seq.scored:
             return self._end_scored(seq)
         return None
 

@@ -41,11 +41,12 @@ class ScheduledSeq:
     logit_offsets: list[int]
     prompt_rows: range
     sample_row: int | None
+    revisit: bool = False  # a cached token run again for its logits only (a sample point)
 
     def input(self) -> SeqInput:
         seq, end = self.seq, self.start + self.num_new_tokens
         return SeqInput(seq.prompt, seq.token_ids[self.start : end], self.start, seq.block_table,
-                        self.logit_offsets)
+                        self.logit_offsets, write_kv=not self.revisit)
 
 
 @dataclass
@@ -68,6 +69,11 @@ def plan_rows(chunks: list[tuple[Sequence, int]]) -> StepPlan:
     """Number the logits rows of (sequence, new tokens) chunks, in order."""
     scheduled, row = [], 0
     for seq, n in chunks:
+        for point in seq.cached_points():  # found in the prefix cache: their logits only
+            scheduled.append(ScheduledSeq(seq, point, 1, [0], range(row, row + 1), None, True))
+            row += 1
+        if not n:  # only cached sample points to run again
+            continue
         start, end = seq.num_computed, seq.num_computed + n
         offsets = [p - start for p in seq.logit_positions(start, end)]
         prompt_rows = range(row, row + len(offsets))
@@ -118,7 +124,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            n = min(seq.num_to_compute - seq.num_computed, budget)
             while not self.blocks.allocate(seq, seq.num_computed + n):
                 self._preempt(self.running[-1])
                 preempted = True
@@ -141,7 +147,7 @@ class Scheduler:
                 break
             for seq, n in admitted:
                 running_per_request[seq.request_id] += 1
-                if n:
+                if n or seq.cached_points():
                     chunks.append((seq, n))
                     budget -= n
         plan = plan_rows(chunks)
@@ -155,9 +161,9 @@ class Scheduler:
             [seq for seq in first.beams if seq.status is Status.WAITING]
         chunks, needed = [], 0
         for seq in unit:
-            if not seq.block_table:
-                seq.num_computed = self.blocks.allocate_prefix(seq, seq.cacheable_prefix)
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            if not seq.block_table and not seq.needs_prompt_logprobs:
+                seq.num_computed = self.blocks.allocate_prefix(seq)
+            n = min(seq.num_to_compute - seq.num_computed, budget)
             needed += self.blocks.blocks_needed(seq, seq.num_computed + n)
             chunks.append((seq, n))
             budget -= n

@@ -88,12 +88,24 @@ class Sequence:
         return list(range(first, min(end, self.num_prompt_tokens - 1)))
 
     @property
-    def cacheable_prefix(self) -> int:
-        """How many leading tokens may come from the prefix cache: none of the positions
-        whose logits are asked for."""
+    def num_to_compute(self) -> int:
+        """How many tokens must be computed: all, but for a /v1/sample request only those
+        up to its last sample point (no token is sampled after the prompt)."""
         if self.params.sample_points:
-            return self.params.sample_points[0]
-        return 0 if self.needs_prompt_logprobs else self.num_tokens
+            return self.params.sample_points[-1] + 1
+        return self.num_tokens
+
+    @property
+    def scored(self) -> bool:
+        """Whether everything a request that samples nothing asked for is computed."""
+        return (self.num_computed >= self.num_to_compute
+                and len(self.point_logprobs) == len(self.params.sample_points))
+
+    def cached_points(self) -> list[int]:
+        """The sample points still to compute that the prefix cache has covered: each is
+        run again alone for its logits."""
+        pending = self.params.sample_points[len(self.point_logprobs) :]
+        return [p for p in pending if p < self.num_computed]
 
     @property
     def finished(self) -> bool:

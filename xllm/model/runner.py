@@ -38,6 +38,7 @@ class SeqInput:
     start: int  # their first position (tokens already in the cache)
     block_table: list[int]
     logit_offsets: list[int]  # offsets into token_ids whose next-token logits are wanted
+    write_kv: bool = True  # False: the tokens' keys and values are in the cache already
 
 
 class ModelRunner:
@@ -114,7 +115,7 @@ class ModelRunner:
             table = np.asarray(s.block_table, dtype=np.int64)
             tables[i, : len(table)] = table
             positions.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
+            slots.append(table[pos // bs] * bs + pos % bs if s.write_kv else np.full(n, -1))
             logit_rows.extend(offset + o for o in s.logit_offsets)
             query_start.append(offset + n)
             seq_lens.append(s.start + n)
