@@ -92,3 +92,28 @@ def tiny(tiny_folders):
 def test_tiny_sample_points_match_transformers(tiny):
     llm, model = tiny
     check_points(llm, model, f"{CHAT_QUESTIONS[0]} <emb_0> {TEXT}", "tiny")
+
+
+def test_a_cached_point_that_requests_share_runs_once(smol_llm, monkeypatch):
+    """Sample requests on one cached prompt, in one step: each point runs once for all."""
+    engine = smol_llm.engine
+    text = " ".join(["A stitch in time saves nine, they say."] * 10)
+    ids, _ = marked(engine.processor, text + " <emb_0>", "<emb_0>")
+    params = SamplingParams(max_tokens=0, logprobs=K, sample_points=(20, 40, 60))
+    assert len(ids) > 80  # every point lies in cached blocks: nothing else runs again
+    run(smol_llm, [ids], SamplingParams(max_tokens=0))  # the prompt into the cache
+    alone = run(smol_llm, [ids], params)[0].outputs[0].logprobs
+    runner_run, computed = engine.runner.run, []
+
+    def counted(batch):
+        computed.extend(len(s.token_ids) for s in batch if not s.write_kv)
+        return runner_run(batch)
+
+    monkeypatch.setattr(engine.runner, "run", counted)
+    outs = run(smol_llm, [ids] * 4, params)
+    monkeypatch.undo()
+    assert sum(computed) == 3, f"{sum(computed)} cached points run for 4 x 3 asked"
+    for out in outs:
+        for got, want in zip(out.outputs[0].logprobs, alone, strict=True):
+            assert [t for t, _ in got.top] == [t for t, _ in want.top]
+            assert [v for _, v in got.top] == pytest.approx([v for _, v in want.top], abs=1e-4)

@@ -190,7 +190,10 @@ class LLMEngine:
 
     def _compute(self, plan: StepPlan) -> StepResult:
         """The model's forward pass and sampling for `plan`, changing no sequence."""
-        logits = self.runner.run(plan.inputs())
+        inputs, rows = plan.inputs(self.block_manager.block_size)
+        logits = self.runner.run(inputs)
+        if rows is not None:  # sample points that several sequences share ran once
+            logits = logits[rows]
         prompt_logprobs = [
             self._position_logprobs(item, logits[item.prompt_rows.start : item.prompt_rows.stop])
             if item.prompt_rows else [] for item in plan.scheduled

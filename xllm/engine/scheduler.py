@@ -57,8 +57,22 @@ class StepPlan:
     num_rows: int
     copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) blocks, first
 
-    def inputs(self) -> list[SeqInput]:
-        return [item.input() for item in self.scheduled]
+    def inputs(self, block_size: int) -> tuple[list[SeqInput], list[int] | None]:
+        """The runner's inputs, where a cached sample point that another sequence of this
+        step runs again on the same cached blocks runs once; and each plan row's row of
+        the runner's logits (None: the same rows)."""
+        inputs, rows, seen, computed = [], [], {}, 0
+        for item in self.scheduled:
+            if item.revisit:
+                key = (tuple(item.seq.block_table[: item.start // block_size + 1]), item.start)
+                if key in seen:
+                    rows.append(seen[key])
+                    continue
+                seen[key] = computed
+            rows.extend(range(computed, computed + len(item.logit_offsets)))
+            computed += len(item.logit_offsets)
+            inputs.append(item.input())
+        return inputs, None if len(inputs) == len(self.scheduled) else rows
 
     @property
     def sampled(self) -> list[ScheduledSeq]:
