@@ -48,10 +48,18 @@ def stream_events(base_url: str) -> list:
     return events
 
 
+def generation_tokens(base_url: str) -> float:
+    text = requests.get(f"{base_url}/metrics", timeout=30).text
+    return float(text.split("\nxllm_generation_tokens_total ")[1].split()[0])
+
+
 def test_a_failed_step_ends_the_stream_with_an_error_then_done(server, monkeypatch):
+    tokens_before = generation_tokens(server.base_url)
     fail_after(monkeypatch, server.engine.engine, 4, RuntimeError("step fault"))
     events = stream_events(server.base_url)
     monkeypatch.undo()
+    streamed = sum(1 for e in events[:-2] if e.get("choices") and e["choices"][0]["text"])
+    assert generation_tokens(server.base_url) - tokens_before >= streamed > 0  # counted
     assert events[-1] == "[DONE]"
     error = events[-2]["error"]
     assert error["code"] == "INTERNAL" and error["type"] == "internal_error"
