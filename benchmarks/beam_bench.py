@@ -13,7 +13,6 @@ Every request runs to exactly N tokens (ignore_eos), so both sides do the same w
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,24 +20,15 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_bench import make_prompts, resolve_model  # noqa: E402
-
-
-async def complete(session: aiohttp.ClientSession, url: str, body: dict) -> int:
-    """POST one completion; its completion tokens."""
-    async with session.post(url, json=body) as resp:
-        data = await resp.json()
-        if resp.status != 200:
-            raise RuntimeError(f"HTTP {resp.status}: {data}")
-        return data["usage"]["completion_tokens"]
+from serve_bench import make_prompts, post_json, print_result, resolve_model  # noqa: E402
 
 
 async def timed(session: aiohttp.ClientSession, url: str, bodies: list[dict]
                 ) -> tuple[float, int]:
     """Send `bodies` at once; (seconds until the last answer, completion tokens)."""
     start = time.perf_counter()
-    tokens = await asyncio.gather(*(complete(session, url, body) for body in bodies))
-    return time.perf_counter() - start, sum(tokens)
+    answers = await asyncio.gather(*(post_json(session, url, body) for body in bodies))
+    return time.perf_counter() - start, sum(a["usage"]["completion_tokens"] for a in answers)
 
 
 async def run(args: argparse.Namespace) -> dict:
@@ -83,11 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--greedy-concurrency", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    result = asyncio.run(run(args))
-    width = max(len(key) for key in result)
-    for key, value in result.items():
-        print(f"{key:<{width}}  {value}")
-    print(json.dumps(result))
+    print_result(asyncio.run(run(args)))
     return 0
 
 

@@ -12,7 +12,6 @@
 
 import argparse
 import asyncio
-import json
 import random
 import statistics
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_bench import WORDS, resolve_model  # noqa: E402
+from serve_bench import WORDS, post_json, print_result, resolve_model  # noqa: E402
 
 MARK = "<emb_0>"
 
@@ -35,13 +34,10 @@ def marked_prompt(rng: random.Random, words: int, matches: int) -> str:
     return " ".join(out)
 
 
-async def post(session: aiohttp.ClientSession, url: str, body: dict) -> float:
-    """Seconds one request took (raising on a non-200)."""
+async def timed(session: aiohttp.ClientSession, url: str, body: dict) -> float:
+    """Seconds one request took."""
     start = time.perf_counter()
-    async with session.post(url, json=body) as resp:
-        data = await resp.json()
-        if resp.status != 200:
-            raise RuntimeError(f"HTTP {resp.status}: {data}")
+    await post_json(session, url, body)
     return time.perf_counter() - start
 
 
@@ -58,25 +54,25 @@ async def run(args: argparse.Namespace) -> dict:
         def prompt() -> str:
             return marked_prompt(rng, args.words, args.matches)
 
-        await post(session, base + "/v1/sample", sample_body(prompt()))  # warm-up
+        await timed(session, base + "/v1/sample", sample_body(prompt()))  # warm-up
         samples, completions = [], []
         for _ in range(args.rounds):
             text = prompt()
-            samples.append(await post(session, base + "/v1/sample", sample_body(text)))
+            samples.append(await timed(session, base + "/v1/sample", sample_body(text)))
             text = prompt()
-            completions.append(await post(session, base + "/v1/completions", {
+            completions.append(await timed(session, base + "/v1/completions", {
                 "model": model, "prompt": text, "max_tokens": 1, "temperature": 0}))
         shared = prompt()
         bodies = [sample_body(shared if args.shared_prefix else prompt())
                   for _ in range(2 * args.concurrency)]
         if args.shared_prefix:  # cached for both runs alike
-            await post(session, base + "/v1/sample", bodies[0])
+            await timed(session, base + "/v1/sample", bodies[0])
         start = time.perf_counter()
         for b in bodies[: args.concurrency]:
-            await post(session, base + "/v1/sample", b)
+            await timed(session, base + "/v1/sample", b)
         serial = args.concurrency / (time.perf_counter() - start)
         start = time.perf_counter()
-        await asyncio.gather(*(post(session, base + "/v1/sample", b)
+        await asyncio.gather(*(timed(session, base + "/v1/sample", b)
                                for b in bodies[args.concurrency :]))
         concurrent = args.concurrency / (time.perf_counter() - start)
     sample_s, completion_s = statistics.median(samples), statistics.median(completions)
@@ -107,11 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shared-prefix", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    result = asyncio.run(run(args))
-    width = max(len(key) for key in result)
-    for key, value in result.items():
-        print(f"{key:<{width}}  {value}")
-    print(json.dumps(result))
+    print_result(asyncio.run(run(args)))
     return 0
 
 

@@ -215,6 +215,23 @@ async def resolve_model(session: aiohttp.ClientSession, base_url: str) -> str:
     return body["data"][0]["id"]
 
 
+async def post_json(session: aiohttp.ClientSession, url: str, body: dict) -> dict:
+    """POST `body`; the JSON answer, raising on a status other than 200."""
+    async with session.post(url, json=body) as resp:
+        data = await resp.json()
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}: {data}")
+        return data
+
+
+def print_result(result: dict) -> None:
+    """A benchmark's figures as aligned `name  value` lines, then as one JSON line."""
+    width = max(len(key) for key in result)
+    for key, value in result.items():
+        print(f"{key:<{width}}  {value}")
+    print(json.dumps(result))
+
+
 async def run_benchmark(args: argparse.Namespace) -> dict:
     base_url = args.base_url.rstrip("/")
     if base_url.endswith("/v1"):

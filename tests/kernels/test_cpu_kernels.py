@@ -16,6 +16,9 @@ import torch
 from xllm import ops
 from xllm.ops import reference
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # block_copies
+from block_copies import bits, block_pairs  # noqa: E402
+
 try:
     from xllm.ops import cpu
     from xllm.ops.cpu import _C
@@ -241,19 +244,6 @@ def test_write_kv_strided_views_and_bad_slot():
 
 
 # ---------------------------------------------------------------- copy_blocks
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """t's raw bytes, so that equality is bitwise (NaN payloads and -0.0 included)."""
-    return t.contiguous().view(torch.uint8)
-
-
-def block_pairs(num_blocks: int, num_pairs: int, ids: torch.dtype, gen: torch.Generator):
-    """[P, 2] (src, dst): distinct destinations, sources drawn (with repeats) from the rest."""
-    perm = torch.randperm(num_blocks, generator=gen)
-    dst, others = perm[:num_pairs], perm[num_pairs:]
-    src = others[torch.randint(0, len(others), (num_pairs,), generator=gen)]
-    return torch.stack([src, dst], dim=1).to(ids)
 
 
 # (num_layers, num_blocks, block_size, H_kv, D); 16 * 3 * 24 floats per block is no power of

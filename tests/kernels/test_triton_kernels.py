@@ -26,6 +26,9 @@ from xllm import ops  # noqa: E402
 from xllm.ops import cuda as tri  # noqa: E402
 from xllm.ops import reference as ref  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # block_copies
+from block_copies import bits, block_pairs  # noqa: E402
+
 if not CUDA and not tri.INTERPRETED:
     pytest.skip(
         "triton was imported before TRITON_INTERPRET=1 was set; set it before the first import "
@@ -199,29 +202,16 @@ def test_write_kv_casts_to_cache_dtype():
 COPY_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """t's raw bytes, so that equality is bitwise (NaN payloads and -0.0 included)."""
-    return t.contiguous().view(torch.uint8)
-
-
-def _block_pairs(num_blocks: int, num_pairs: int, ids: torch.dtype, gen: torch.Generator):
-    """[P, 2] (src, dst): distinct destinations, sources drawn (with repeats) from the rest."""
-    perm = torch.randperm(num_blocks, generator=gen)
-    dst, others = perm[:num_pairs], perm[num_pairs:]
-    src = others[torch.randint(0, len(others), (num_pairs,), generator=gen)]
-    return torch.stack([src, dst], dim=1).to(ids)
-
-
 def _check_copy(k_cache, v_cache, block_mapping):
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     k_before, v_before = k_cache.clone(), v_cache.clone()
     tri.copy_blocks(k_cache, v_cache, block_mapping)
     ref.copy_blocks(k_ref, v_ref, block_mapping)
-    assert torch.equal(_bits(k_cache), _bits(k_ref)) and torch.equal(_bits(v_cache), _bits(v_ref))
+    assert torch.equal(bits(k_cache), bits(k_ref)) and torch.equal(bits(v_cache), bits(v_ref))
     untouched = torch.ones(k_cache.shape[1], dtype=torch.bool, device=k_cache.device)
     untouched[block_mapping[:, 1].long()] = False
-    assert torch.equal(_bits(k_cache[:, untouched]), _bits(k_before[:, untouched]))
-    assert torch.equal(_bits(v_cache[:, untouched]), _bits(v_before[:, untouched]))
+    assert torch.equal(bits(k_cache[:, untouched]), bits(k_before[:, untouched]))
+    assert torch.equal(bits(v_cache[:, untouched]), bits(v_before[:, untouched]))
 
 
 # (num_layers, num_blocks, block_size, H_kv, D): 16 * 3 * 24 = 1152 elements per block is no
@@ -238,7 +228,7 @@ def test_copy_blocks(shape, num_pairs, ids):
     k_cache = torch.randn(shape, generator=gen)
     k_cache[:, :, 0, 0, :3] = torch.tensor([NEG_INF, float("nan"), -0.0])
     v_cache = torch.randn(shape, generator=gen)
-    block_mapping = _block_pairs(shape[1], num_pairs, ids, gen).to(DEVICE)
+    block_mapping = block_pairs(shape[1], num_pairs, ids, gen).to(DEVICE)
     _check_copy(k_cache.to(DEVICE), v_cache.to(DEVICE), block_mapping)
 
 
@@ -248,7 +238,7 @@ def test_copy_blocks_dtypes(dtype):
     shape = (3, 9, 16, 3, 24)
     k_cache = torch.randn(shape, generator=gen).to(DEVICE, dtype)
     v_cache = torch.randn(shape, generator=gen).to(DEVICE, dtype)
-    _check_copy(k_cache, v_cache, _block_pairs(9, 4, torch.int64, gen).to(DEVICE))
+    _check_copy(k_cache, v_cache, block_pairs(9, 4, torch.int64, gen).to(DEVICE))
 
 
 def test_copy_blocks_strided_caches_and_dispatch():

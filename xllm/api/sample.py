@@ -78,8 +78,6 @@ async def prepare_sample(ctx: ServingContext, req: SampleRequest) -> Generation:
     if req.request_id is not None and not usable_id(req.request_id):
         raise invalid("request_id must be 1 to 128 printable ASCII characters, no spaces",
                       "request_id")
-    if not req.prompt:
-        raise invalid("the prompt is empty", "prompt")
     pieces = split_matches(req.prompt, selector.value)
     prompt, starts = await ctx.engine.pieces_prompt(pieces)
     # the distribution at a match is the one after the token before it

@@ -85,15 +85,15 @@ class BlockManager:
         shared partial block it is about to write (copy on write, see `take_copies`);
         False (and no change) if short of blocks."""
         shared = self._shared_partial(seq)
-        needed = self.blocks_needed(seq, num_tokens) + (shared is not None)
-        if needed > len(self.free_queue):
+        grow = self.blocks_needed(seq, num_tokens)
+        if grow + (shared is not None) > len(self.free_queue):
             return False
         if shared is not None:
             block = seq.block_table[shared]
             seq.block_table[shared] = self._take()
             self.ref_counts[block] -= 1
             self.copies.append((block, seq.block_table[shared]))
-        for _ in range(self.blocks_needed(seq, num_tokens)):
+        for _ in range(grow):
             seq.block_table.append(self._take())
         return True
 

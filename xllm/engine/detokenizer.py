@@ -40,11 +40,7 @@ class Detokenizer:
         start = max(0, len(self.text) - self.hold)
         self.text += full[len(prefix) :]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        found = first_stop(self.text, self.stop, start)
-        if found is None:
-            return None
-        at, stop = found
-        self.text = self.text[: at + len(stop) if self.include_stop else at]
+        self.text, stop = cut_at_stop(self.text, self.stop, self.include_stop, start)
         return stop
 
     def release(self, finished: bool) -> str:
@@ -61,10 +57,12 @@ def first_stop(text: str, stops: list[str], start: int = 0) -> tuple[int, str] |
     return min(found) if found else None
 
 
-def cut_at_stop(text: str, stops: list[str], include_stop: bool) -> str:
-    """`text` ended at its first stop string (kept when `include_stop`)."""
-    found = first_stop(text, stops)
+def cut_at_stop(text: str, stops: list[str], include_stop: bool, start: int = 0
+                ) -> tuple[str, str | None]:
+    """`text` ended at its first stop string from `start` (kept when `include_stop`), and
+    that stop string (None: no stop string, `text` as it is)."""
+    found = first_stop(text, stops, start)
     if found is None:
-        return text
+        return text, None
     at, stop = found
-    return text[: at + len(stop) if include_stop else at]
+    return text[: at + len(stop) if include_stop else at], stop

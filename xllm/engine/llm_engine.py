@@ -15,7 +15,7 @@ from xllm import ops
 from xllm.config import EngineConfig
 from xllm.engine.beam_search import BeamGroup
 from xllm.engine.block_manager import BlockManager
-from xllm.engine.detokenizer import Detokenizer, cut_at_stop
+from xllm.engine.detokenizer import Detokenizer, cut_at_stop, first_stop
 from xllm.engine.errors import EngineBusyError, InvalidParameter
 from xllm.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from xllm.engine.processor import InputProcessor
@@ -147,7 +147,7 @@ class LLMEngine:
 
         def stops(ids: list[int], token: int) -> bool:
             text = self.tokenizer.decode(ids + [token], params.skip_special_tokens)
-            return any(stop in text for stop in params.stop)
+            return first_stop(text, params.stop) is not None
 
         return stops
 
@@ -198,7 +198,7 @@ class LLMEngine:
             self._position_logprobs(item, logits[item.prompt_rows.start : item.prompt_rows.stop])
             if item.prompt_rows else [] for item in plan.scheduled
         ]
-        sampled = _sampling(plan)
+        sampled = plan.sampled
         tokens, logprobs = [], []
         if sampled:
             sample_rows = [item.sample_row for item in sampled]
@@ -209,7 +209,7 @@ class LLMEngine:
     def _candidates(self, plan: StepPlan, logits: torch.Tensor
                     ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """The top logprobs that each beam in `plan` offers its group's search."""
-        beams = [item for item in plan.sampled if item.seq.beams is not None]
+        beams = plan.searched
         if not beams:
             return {}
         k = max(self.requests[item.seq.request_id].beam.num_candidates for item in beams)
@@ -221,13 +221,11 @@ class LLMEngine:
                        ) -> tuple[list[tuple[StepPlan, StepResult]], list[RequestOutput]]:
         """Compute each request's share of `plan` alone; fail the requests whose share
         raises. Returns the parts that went through and the failed requests' outputs."""
-        shares: dict[str, list[tuple[Sequence, int]]] = {}
-        for item in plan.scheduled:
-            if not item.revisit:  # plan_rows plans the revisits again
-                shares.setdefault(item.seq.request_id, []).append((item.seq, item.num_new_tokens))
+        items = plan.scheduled
         parts, failed = [], []
-        for request_id, chunks in shares.items():
-            part = plan_rows(chunks)
+        for request_id, share in plan.shares().items():
+            part = plan_rows([(items[i].seq, items[i].num_new_tokens) for i in share
+                              if not items[i].revisit])  # plan_rows plans revisits again
             try:
                 parts.append((part, self._compute(part)))
             except Exception as exc:
@@ -246,13 +244,12 @@ class LLMEngine:
         """Advance the sequences of `plan` by what `result` computed for them, request by
         request; a request that faults here ends with its error."""
         samples = {id(item): pair for item, pair in
-                   zip(_sampling(plan), zip(result.tokens, result.logprobs, strict=True))}
-        shares: dict[str, list[tuple[ScheduledSeq, list[TokenLogprob], tuple | None]]] = {}
-        for item, prompt_logprobs in zip(plan.scheduled, result.prompt_logprobs):
-            shares.setdefault(item.seq.request_id, []).append(
-                (item, prompt_logprobs, samples.get(id(item))))
+                   zip(plan.sampled, zip(result.tokens, result.logprobs, strict=True))}
+        items = plan.scheduled
         outputs = []
-        for request_id, share in shares.items():
+        for request_id, indices in plan.shares().items():
+            share = [(items[i], result.prompt_logprobs[i], samples.get(id(items[i])))
+                     for i in indices]
             request = self.requests[request_id]
             try:
                 if request.beam is not None:
@@ -315,9 +312,10 @@ class LLMEngine:
         p = request.params
         outputs = []
         for rank, hyp in enumerate(request.beam.results()):
-            text = self.tokenizer.decode(hyp.token_ids, p.skip_special_tokens)
+            text, _ = cut_at_stop(self.tokenizer.decode(hyp.token_ids, p.skip_special_tokens),
+                                  p.stop, p.include_stop_str_in_output)
             outputs.append(CompletionOutput(
-                rank, cut_at_stop(text, p.stop, p.include_stop_str_in_output), hyp.token_ids,
+                rank, text, hyp.token_ids,
                 hyp.logprobs if p.logprobs is not None else None, hyp.finish_reason,
                 score=hyp.score))
         return outputs
@@ -427,8 +425,3 @@ class LLMEngine:
             "num_preemptions": self.num_preemptions,
             "sleep_level": self.sleep_level,
         }
-
-
-def _sampling(plan: StepPlan) -> list[ScheduledSeq]:
-    """The items of `plan` that sample their next token (beams offer candidates instead)."""
-    return [item for item in plan.sampled if item.seq.beams is None]

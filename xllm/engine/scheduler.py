@@ -76,7 +76,22 @@ class StepPlan:
 
     @property
     def sampled(self) -> list[ScheduledSeq]:
-        return [item for item in self.scheduled if item.sample_row is not None]
+        """The sequences that sample their next token from their `sample_row`."""
+        return [item for item in self.scheduled
+                if item.sample_row is not None and item.seq.beams is None]
+
+    @property
+    def searched(self) -> list[ScheduledSeq]:
+        """The beams that offer candidates from their `sample_row` to their group's search."""
+        return [item for item in self.scheduled
+                if item.sample_row is not None and item.seq.beams is not None]
+
+    def shares(self) -> dict[str, list[int]]:
+        """Each request's items, by their index in `scheduled`."""
+        shares: dict[str, list[int]] = {}
+        for i, item in enumerate(self.scheduled):
+            shares.setdefault(item.seq.request_id, []).append(i)
+        return shares
 
 
 def plan_rows(chunks: list[tuple[Sequence, int]]) -> StepPlan:
