@@ -65,18 +65,12 @@ def server_env() -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="session")
-def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Start the real server on a free port, yield its base URL, stop it by its PID."""
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
-    cmd = serve_command() + [
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--served-model-name", SERVED_MODEL_NAME,
-        "--max-model-len", str(SERVER_MAX_MODEL_LEN),
-        "--num-blocks", str(SERVER_NUM_BLOCKS),
-    ]  # fmt: skip
+@contextlib.contextmanager
+def running_server(args: list[str], log_path: Path, port: int | None = None) -> Iterator[str]:
+    """Start `xllm serve` with `args` on `port` (default: a free one), yield its base URL
+    once healthy, stop it by its PID."""
+    port = port or free_port()
+    cmd = serve_command() + ["--host", "127.0.0.1", "--port", str(port), *args]
     base_url = f"http://127.0.0.1:{port}"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=server_env())
@@ -89,6 +83,25 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield base_url
     finally:
         stop_process(proc)
+
+
+@pytest.fixture(scope="session")
+def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The real server on the default model."""
+    args = [
+        "--served-model-name", SERVED_MODEL_NAME,
+        "--max-model-len", str(SERVER_MAX_MODEL_LEN),
+        "--num-blocks", str(SERVER_NUM_BLOCKS),
+    ]  # fmt: skip
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    with running_server(args, log_path) as base_url:
+        yield base_url
+
+
+@pytest.fixture(scope="session")
+def start_server():
+    """`running_server`, for tests that serve a model of their own."""
+    return running_server
 
 
 def stop_process(proc: subprocess.Popen) -> None:

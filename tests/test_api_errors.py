@@ -8,6 +8,7 @@ import time
 import httpx
 import pytest
 import requests
+from api_checks import assert_still_healthy, check_error
 
 MODEL = "Qwen2-7B-Instruct"
 CHAT = "/v1/chat/completions"
@@ -31,21 +32,6 @@ def without(body: dict, key: str) -> dict:
     return {k: v for k, v in body.items() if k != key}
 
 
-def check_error(resp: requests.Response, status: int, code: str) -> dict:
-    """Assert the status and OpenAI error shape; return the `error` object."""
-    assert resp.status_code == status, resp.text
-    assert resp.headers["content-type"].startswith("application/json"), resp.headers
-    assert "Traceback" not in resp.text
-    body = resp.json()
-    assert set(body) == {"error"}, body
-    error = body["error"]
-    assert {"message", "type", "code", "param"} <= set(error), error
-    assert isinstance(error["message"], str) and error["message"]
-    assert isinstance(error["type"], str) and error["type"]
-    assert error["code"] == code
-    return error
-
-
 def nested(*path) -> tuple[str, ...]:
     """The accepted `param` values for a fault inside a field: the top-level request field
     (what the server names today) or the full path in one of OpenAI's spellings."""
@@ -60,12 +46,6 @@ def check_param(error: dict, expected: str | tuple[str, ...] | None) -> None:
     """`error["param"]` names the field at fault (None when no field is at fault)."""
     accepted = expected if isinstance(expected, tuple) else (expected,)
     assert error["param"] in accepted, f"param should be {expected!r}: {error}"
-
-
-def assert_still_healthy(server_url: str) -> None:
-    resp = requests.get(f"{server_url}/health", timeout=30)
-    assert resp.status_code == 200
-    assert resp.json() == {"status": "healthy"}
 
 
 # (id, path, raw body): no field is at fault, so `param` is null

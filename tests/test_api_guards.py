@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import requests
+from api_checks import check_error
 
 MODEL = "Qwen2-7B-Instruct"
 KEY = "test-key-0123456789"
@@ -64,16 +65,6 @@ def server(start_inproc_server, server_logs):
 
 def url(server, path: str) -> str:
     return server.base_url + path
-
-
-def check_error(resp: requests.Response, status: int, code: str) -> dict:
-    """The status and OpenAI error body; returns `error`."""
-    assert resp.status_code == status, resp.text
-    assert resp.headers["content-type"].startswith("application/json"), resp.headers
-    error = resp.json()["error"]
-    assert {"message", "type", "code", "param"} <= set(error), error
-    assert error["code"] == code, error
-    return error
 
 
 def requests_total(server, endpoint: str, status: int) -> float:
@@ -433,12 +424,12 @@ def test_open_server_warning(caplog):
     from xllm.config import ServerConfig
 
     with caplog.at_level(logging.WARNING, logger="xllm.api"):
-        add_guards(FastAPI(), ServerConfig(MODEL))
+        add_guards(FastAPI(), ServerConfig(MODEL), vision=False)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "no API key" in warnings[0].getMessage()
     caplog.clear()
     with caplog.at_level(logging.DEBUG, logger="xllm"):
-        add_guards(FastAPI(), ServerConfig(MODEL, api_key=KEY))
+        add_guards(FastAPI(), ServerConfig(MODEL, api_key=KEY), vision=False)
     assert not caplog.records
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 from pydantic import ValidationError
 
-from xllm.api.chat import message_text
+from xllm.api.chat import message_content
 from xllm.api.completions import split_prompts
 from xllm.api.errors import APIError, from_engine_error, from_validation_error
 from xllm.api.logprobs import CompletionLogprobs, chat_logprobs, finite
@@ -202,11 +202,11 @@ def test_prompt_length_checks_name_the_numbers():
 
 def test_text_parts_are_joined_and_images_refused():
     parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
-    assert message_text(parts, "messages[0]") == "ab"
-    assert message_text(None, "messages[0]") == ""
+    assert message_content(parts, "messages[0]", None) == "ab"
+    assert message_content(None, "messages[0]", None) == ""
     image = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]
     with pytest.raises(APIError) as info:
-        message_text(image, "messages[0]")
+        message_content(image, "messages[0]", None)
     assert info.value.status == 400
 
 

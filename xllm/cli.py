@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-beam-width", type=_positive_int, default=defaults.max_beam_width,
         help="most beams (`beam_width`) of one beam search")
     add("--max-request-bytes", type=parse_size, default=server.max_request_bytes,
-        help="largest request body; larger ones are answered 413; accepts suffixes like 4M")
+        help="largest request body; larger ones are answered 413; accepts suffixes like 4M; "
+        "default: 4M, or 64M for a vision model")
     add("--request-body-timeout", type=_positive_float, default=server.request_body_timeout,
         help="seconds a client may take to send its whole request body")
     add("--api-key", default=os.environ.get("XLLM_API_KEY"),
@@ -119,6 +120,24 @@ def build_parser() -> argparse.ArgumentParser:
         "default: any")
     add("--shutdown-timeout", type=_positive_float, default=server.shutdown_timeout,
         help="on SIGTERM, seconds the requests in flight get to finish")
+    add("--limit-images-per-prompt", type=_positive_int,
+        default=defaults.limit_images_per_prompt, help="most images in one prompt")
+    add("--image-min-pixels", type=_positive_int, default=None,
+        help="fewest pixels of an image after resizing; default: the model's "
+        "preprocessor_config.json")
+    add("--image-max-pixels", type=_positive_int, default=None,
+        help="most pixels of an image after resizing (more pixels, more image tokens); "
+        "default: the model's preprocessor_config.json")
+    add("--max-image-pixels", type=_positive_int, default=None,
+        help="largest decoded image (width x height) accepted, against decompression bombs")
+    add("--allowed-media-domains", type=_names, default=server.allowed_media_domains,
+        help="comma-separated hosts that http(s) image URLs may name; default: any")
+    add("--allowed-local-media-path", default=server.allowed_local_media_path,
+        help="file:// image URLs are served only from under this directory; default: refused")
+    add("--media-fetch-timeout", type=_positive_float, default=server.media_fetch_timeout,
+        help="seconds to fetch one image URL")
+    add("--max-image-bytes", type=parse_size, default=server.max_image_bytes,
+        help="largest image file accepted (fetched, data: URL or local); accepts suffixes")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"],
         help="log level of the server and the engine")
     return parser
@@ -139,6 +158,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         num_threads=args.num_threads,
         max_n=args.max_n,
         max_beam_width=args.max_beam_width,
+        limit_images_per_prompt=args.limit_images_per_prompt,
+        image_min_pixels=args.image_min_pixels,
+        image_max_pixels=args.image_max_pixels,
+        max_image_pixels=args.max_image_pixels,
     )
 
 
@@ -154,6 +177,10 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         allowed_origins=args.allowed_origins,
         allowed_hosts=args.allowed_hosts,
         shutdown_timeout=args.shutdown_timeout,
+        allowed_media_domains=args.allowed_media_domains,
+        allowed_local_media_path=args.allowed_local_media_path,
+        media_fetch_timeout=args.media_fetch_timeout,
+        max_image_bytes=args.max_image_bytes,
     )
 
 

@@ -19,6 +19,10 @@ class EngineConfig:
     num_threads: int | None = None  # torch intra-op threads; None: all cores
     max_n: int = 128  # most choices of one request (OpenAI's limit)
     max_beam_width: int = 8  # most beams of one beam search
+    limit_images_per_prompt: int = 8
+    image_min_pixels: int | None = None  # None: the model's preprocessor_config.json
+    image_max_pixels: int | None = None  # (both bound an image after resizing)
+    max_image_pixels: int | None = None  # largest decoded image; None: the default of images.py
 
 
 @dataclass
@@ -27,9 +31,19 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 9977
     max_concurrent_requests: int = 256  # sequences in flight: choices, prompts and beams
-    max_request_bytes: int = 4 << 20  # larger bodies are answered 413
+    max_request_bytes: int | None = None  # larger bodies are answered 413; None: as below
     request_body_timeout: float = 30.0  # seconds to receive a whole body
     api_key: str | None = None  # None: the server is open to anyone who can reach it
     allowed_origins: tuple[str, ...] = ()  # CORS; empty: no CORS headers
     allowed_hosts: tuple[str, ...] = ()  # accepted Host headers; empty: any
     shutdown_timeout: float = 30.0  # seconds in-flight requests get to finish on SIGTERM
+    allowed_media_domains: tuple[str, ...] = ()  # hosts image URLs may name; empty: any
+    allowed_local_media_path: str | None = None  # file:// image URLs only under it; None: none
+    media_fetch_timeout: float = 10.0  # seconds for one image URL's fetch
+    max_image_bytes: int = 20 << 20  # largest image file (fetched, data: URL or local)
+
+    def request_bytes_limit(self, vision: bool) -> int:
+        """The body limit: 4 MiB, or for a vision model room for base64 images."""
+        if self.max_request_bytes is not None:
+            return self.max_request_bytes
+        return 64 << 20 if vision else 4 << 20

@@ -4,8 +4,10 @@ import logging
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from xllm.api.errors import APIError, from_engine_error
+from xllm.api.media import MediaConfig
 from xllm.api.metrics import Metrics
 from xllm.config import ServerConfig
 from xllm.engine.errors import EngineError, RequestFailedError
@@ -24,6 +26,15 @@ class ServingContext:
     in_flight: int = 0  # sequences (choices of every prompt) of the requests in flight
     draining: bool = False  # set on shutdown: no new request is taken
     metrics: Metrics = field(default_factory=Metrics)
+    media: MediaConfig = field(init=False)  # where image URLs may be fetched from
+
+    def __post_init__(self) -> None:
+        local = self.config.allowed_local_media_path
+        self.media = MediaConfig(
+            allowed_domains=self.config.allowed_media_domains,
+            allowed_local_path=Path(local).resolve() if local else None,
+            fetch_timeout=self.config.media_fetch_timeout,
+            max_bytes=self.config.max_image_bytes)
 
     @property
     def model_name(self) -> str:

@@ -221,10 +221,11 @@ class CORS(CORSMiddleware):
         return error_response(invalid(bytes(response.body).decode()))
 
 
-def add_guards(app: Starlette, config: ServerConfig) -> None:
+def add_guards(app: Starlette, config: ServerConfig, vision: bool) -> None:
     """Add the middleware of this module to the Starlette `app`, in the order of the module
-    docstring (each add_middleware wraps the ones added before it)."""
-    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_bytes,
+    docstring (each add_middleware wraps the ones added before it); `vision`: the server
+    takes images."""
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.request_bytes_limit(vision),
                        timeout=config.request_body_timeout)
     checks: list[Check] = [content_type_check]
     if config.api_key:

@@ -92,7 +92,7 @@ def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     ctx = ServingContext(engine, config)
     app.state.ctx = ctx
     app.add_middleware(InternalErrors)  # innermost: a route's fault never reaches uvicorn
-    add_guards(app, config)
+    add_guards(app, config, engine.vision is not None)
     app.add_middleware(MetricsMiddleware, metrics=ctx.metrics)  # outermost: counts all
 
     @app.exception_handler(APIError)

@@ -27,12 +27,15 @@ from xllm.engine.errors import (
     RequestFailedError,
 )
 from xllm.engine.llm_engine import LLMEngine
+from xllm.engine.multimodal import VisionSpec
 from xllm.engine.outputs import RequestOutput
 from xllm.engine.sampling_params import SamplingParams
 from xllm.engine.tokenizer import Tokenizer
 from xllm.inputs import PromptInput
 
 logger = logging.getLogger(__name__)
+
+IMAGE_WORKERS = 2  # threads decoding and resizing images (Pillow lets go of the GIL)
 
 
 @dataclass
@@ -126,6 +129,8 @@ class AsyncEngine:
         self._stats = self.engine.stats()
         # One worker: the Hugging Face tokenizer is not meant to be shared between threads.
         self._text_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xllm-text")
+        self._image_workers = ThreadPoolExecutor(max_workers=IMAGE_WORKERS,
+                                                 thread_name_prefix="xllm-image")
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -144,6 +149,7 @@ class AsyncEngine:
         if self._dead_reason is None:
             self._dead_reason = "the engine is shut down"
         self._text_worker.shutdown(wait=False, cancel_futures=True)
+        self._image_workers.shutdown(wait=False, cancel_futures=True)
 
     def is_healthy(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
@@ -165,9 +171,24 @@ class AsyncEngine:
         prefix-cache queries and hits, sleep level)."""
         return dict(self._stats)
 
-    async def chat_prompt(self, messages: list[dict], add_generation_prompt: bool) -> PromptInput:
-        """The prompt of a conversation under the model's chat template."""
-        return await self._off_loop(self.processor.chat, messages, add_generation_prompt)
+    @property
+    def vision(self) -> VisionSpec | None:
+        """The vision model's spec; None for a text-only model."""
+        return self.processor.vision
+
+    async def chat_prompt(self, messages: list[dict], add_generation_prompt: bool,
+                          images: list[bytes] = ()) -> PromptInput:
+        """The prompt of a conversation under the model's chat template; `images` are the
+        files of its image parts, in order (decoded side by side in the image workers)."""
+        processed = []
+        if images:
+            self.vision.check_count(len(images))
+            loop = asyncio.get_running_loop()
+            processed = await asyncio.gather(*(
+                loop.run_in_executor(self._image_workers, self.vision.process, data, i)
+                for i, data in enumerate(images)))
+        return await self._off_loop(self.processor.chat, messages, add_generation_prompt,
+                                    processed)
 
     async def text_prompt(self, text: str) -> PromptInput:
         return await self._off_loop(self.processor.text, text)

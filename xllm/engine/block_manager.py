@@ -18,15 +18,17 @@ from xllm.engine.sequence import Sequence
 
 
 class BlockKey(NamedTuple):
-    """What a cached block holds: its tokens, after the prefix with digest `parent`.
-    (Image inputs will add the hashes of the images the block covers.)"""
+    """What a cached block holds: its tokens, after the prefix with digest `parent`, and
+    the digests of the images whose placeholder tokens it holds (equal placeholders of
+    different images never share a block)."""
 
     parent: bytes
     tokens: tuple[int, ...]
+    images: bytes = b""
 
     def digest(self) -> bytes:
         """The digest of the prefix that ends with this block."""
-        data = self.parent + array("q", self.tokens).tobytes()
+        data = self.parent + self.images + array("q", self.tokens).tobytes()
         return blake2b(data, digest_size=16).digest()
 
 
@@ -52,8 +54,12 @@ class BlockManager:
         return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
 
     def _key(self, seq: Sequence, index: int, parent: bytes) -> BlockKey:
-        bs = self.block_size
-        return BlockKey(parent, tuple(seq.token_ids[index * bs : (index + 1) * bs]))
+        start, end = index * self.block_size, (index + 1) * self.block_size
+        tokens = tuple(seq.token_ids[start:end])
+        if not seq.prompt.images:
+            return BlockKey(parent, tokens)
+        images = b"".join(image.digest for image in seq.prompt.images_in(start, end))
+        return BlockKey(parent, tokens, images)
 
     def allocate_prefix(self, seq: Sequence) -> int:
         """Give a new sequence the cached blocks of its longest known prefix.

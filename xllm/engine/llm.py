@@ -18,14 +18,15 @@ class LLM:
 
     def generate(
         self,
-        prompts: list[str] | list[list[int]],
+        prompts: list[str] | list[list[int]] | list[PromptInput],
         params: SamplingParams | list[SamplingParams],
     ) -> list[RequestOutput]:
         """Run all prompts to the end; each output holds its choices' full results."""
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         processor = self.engine.processor
-        inputs = [processor.text(p) if isinstance(p, str) else PromptInput.of(p) for p in prompts]
+        inputs = [p if isinstance(p, PromptInput) else
+                  processor.text(p) if isinstance(p, str) else PromptInput.of(p) for p in prompts]
         for prompt, p in zip(inputs, params):
             processor.check(prompt, p)
         results: dict[str, RequestOutput] = {}

@@ -17,6 +17,7 @@ from xllm.engine.beam_search import BeamGroup
 from xllm.engine.block_manager import BlockManager
 from xllm.engine.detokenizer import Detokenizer, cut_at_stop, first_stop
 from xllm.engine.errors import EngineBusyError, InvalidParameter
+from xllm.engine.multimodal import VisionSpec
 from xllm.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from xllm.engine.processor import InputProcessor
 from xllm.engine.sampler import Sampler, seeded_generator
@@ -81,8 +82,9 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
         )
-        self.processor = InputProcessor(self.tokenizer, self.max_model_len, self.runner.vocab_size,
-                                        config.max_n, config.max_beam_width)
+        self.processor = InputProcessor(
+            self.tokenizer, self.max_model_len, self.runner.vocab_size, config.max_n,
+            config.max_beam_width, VisionSpec.of(hf_config, self.model_path, config))
         self.sampler = Sampler(config.seed)
         self.requests: dict[str, Request] = {}
         self.default_params = self._generation_defaults()

@@ -5,6 +5,8 @@ A text too long for the context by its character count alone is refused before i
 tokenized: no token covers more than `tokenizer.max_token_chars` characters."""
 
 from xllm.engine.errors import InvalidParameter
+from xllm.engine.images import ProcessedImage
+from xllm.engine.multimodal import VisionSpec
 from xllm.engine.sampling_params import SamplingParams
 from xllm.engine.tokenizer import Tokenizer
 from xllm.inputs import PromptInput
@@ -12,8 +14,9 @@ from xllm.inputs import PromptInput
 
 class InputProcessor:
     def __init__(self, tokenizer: Tokenizer, max_model_len: int, vocab_size: int,
-                 max_n: int, max_beam_width: int) -> None:
+                 max_n: int, max_beam_width: int, vision: VisionSpec | None = None) -> None:
         self.tokenizer = tokenizer
+        self.vision = vision  # None: a text-only model
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size  # the model's: what its embedding and logits cover
         self.max_n = max_n
@@ -25,10 +28,14 @@ class InputProcessor:
                 param, f"This model's maximum context length is {self.max_model_len} tokens; "
                 f"{num_chars} characters cannot fit in it.")
 
-    def chat(self, messages: list[dict], add_generation_prompt: bool = True) -> PromptInput:
-        """The prompt of a conversation ({"role", "content"} dicts) under the chat template."""
-        texts = [m.get("content") for m in messages]
-        self._check_chars(sum(len(t) for t in texts if isinstance(t, str)), "messages")
+    def chat(self, messages: list[dict], add_generation_prompt: bool = True,
+             images: list[ProcessedImage] = ()) -> PromptInput:
+        """The prompt of a conversation ({"role", "content"} dicts) under the chat template.
+
+        A content may be a list of parts: {"type": "text", "text"} and, for a vision
+        model, {"type": "image"}, whose images are `images` in order."""
+        self._check_chars(sum(map(content_chars, (m.get("content") for m in messages))),
+                          "messages")
         try:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt)
         except InvalidParameter:
@@ -36,7 +43,10 @@ class InputProcessor:
         except Exception as exc:  # a template's own raise_exception(), e.g. roles out of order
             raise InvalidParameter(
                 "messages", f"the chat template rejected the messages: {exc}") from None
-        return PromptInput.of(self.tokenizer.encode(text, add_special_tokens=False))
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if self.vision is None:
+            return PromptInput.of(ids)
+        return self.vision.prompt(ids, list(images))
 
     def text(self, text: str) -> PromptInput:
         """The prompt of a plain text (with the tokenizer's special tokens, e.g. BOS)."""
@@ -88,3 +98,10 @@ class InputProcessor:
                            ("stop_token_ids", params.stop_token_ids)):
             if any(not 0 <= token_id < vocab for token_id in ids):
                 raise InvalidParameter(param, f"{param}: a token id is out of range [0, {vocab})")
+
+
+def content_chars(content: str | list[dict] | None) -> int:
+    """The characters of a message content's text."""
+    if isinstance(content, str):
+        return len(content)
+    return sum(len(part.get("text") or "") for part in content or ())

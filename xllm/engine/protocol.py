@@ -3,6 +3,7 @@
 from collections.abc import AsyncIterator
 from typing import Protocol
 
+from xllm.engine.multimodal import VisionSpec
 from xllm.engine.outputs import RequestOutput
 from xllm.engine.sampling_params import SamplingParams
 from xllm.engine.tokenizer import Tokenizer
@@ -27,6 +28,9 @@ class EngineClient(Protocol):
     def tokenizer(self) -> Tokenizer: ...
 
     @property
+    def vision(self) -> VisionSpec | None: ...  # None: a text-only model
+
+    @property
     def dead_reason(self) -> str | None: ...
 
     @property
@@ -36,8 +40,8 @@ class EngineClient(Protocol):
 
     def stats(self) -> dict[str, int]: ...
 
-    async def chat_prompt(self, messages: list[dict], add_generation_prompt: bool
-                          ) -> PromptInput: ...
+    async def chat_prompt(self, messages: list[dict], add_generation_prompt: bool,
+                          images: list[bytes] = ()) -> PromptInput: ...
 
     async def text_prompt(self, text: str) -> PromptInput: ...
 

@@ -5,8 +5,10 @@ from pathlib import Path
 from transformers import AutoConfig
 
 from xllm.model.llama import LlamaForCausalLM
+from xllm.model.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 
-ARCHITECTURES = {"llama": LlamaForCausalLM, "qwen2": LlamaForCausalLM}
+ARCHITECTURES = {"llama": LlamaForCausalLM, "qwen2": LlamaForCausalLM,
+                 "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}
 
 
 def load_hf_config(folder: Path):
@@ -18,4 +20,8 @@ def load_hf_config(folder: Path):
 
 
 def context_length(hf_config) -> int:
-    return int(getattr(hf_config, "max_position_embeddings", 2048))
+    return int(getattr(hf_config.get_text_config(), "max_position_embeddings", 2048))
+
+
+def is_vision_model(hf_config) -> bool:
+    return getattr(hf_config, "vision_config", None) is not None

@@ -2,6 +2,8 @@
 
 The model works on a flat batch: token ids and positions of every scheduled
 sequence laid end to end. Attention metadata comes from `model.context`.
+Positions are [T], or [3, T] (temporal, height, width) for a model with
+multimodal rotary sections (Qwen2.5-VL's M-RoPE).
 """
 
 import torch
@@ -19,8 +21,16 @@ class Linear(nn.Linear):
         return ops.linear(x, self.weight, self.bias)
 
 
+# Model types whose q, k and v projections carry biases.
+QKV_BIAS = {"qwen2", "qwen2_5_vl_text"}
+
+
 class RotaryEmbedding(nn.Module):
-    """Rotate-half rotary embedding with a precomputed cos/sin table."""
+    """Rotate-half rotary embedding with a precomputed cos/sin table.
+
+    With `mrope_section` in the config's rope parameters (M-RoPE), frequency i of a token
+    comes from its temporal, height or width position, as the section i falls in says.
+    """
 
     def __init__(self, config, head_dim: int, max_positions: int):
         super().__init__()
@@ -37,10 +47,21 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq.double())
         self.register_buffer("cos", (freqs.cos() * scaling).float(), persistent=False)
         self.register_buffer("sin", (freqs.sin() * scaling).float(), persistent=False)
+        # M-RoPE: which of the 3 positions each frequency reads ([head_dim / 2]), or None.
+        sections = rope.get("mrope_section")
+        section_of = None
+        if sections:
+            section_of = torch.arange(len(sections)).repeat_interleave(torch.tensor(sections)) % 3
+        self.register_buffer("section_of", section_of, persistent=False)
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin [T, 1, head_dim / 2] of each token's position."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        """cos and sin [T, 1, head_dim / 2] of each token's position ([T], or [3, T])."""
+        if positions.dim() == 1:
+            return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        columns = torch.arange(self.cos.shape[1], device=positions.device)
+        rows = positions[self.section_of]  # [head_dim / 2, T]: each frequency's position
+        return self.cos[rows, columns[:, None]].T.unsqueeze(1), \
+            self.sin[rows, columns[:, None]].T.unsqueeze(1)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -61,7 +82,7 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.sizes = [q_size, kv_size, kv_size]
-        bias = config.model_type == "qwen2" or getattr(config, "attention_bias", False)
+        bias = config.model_type in QKV_BIAS or getattr(config, "attention_bias", False)
         self.qkv_proj = Linear(config.hidden_size, q_size + 2 * kv_size, bias=bias)
         self.o_proj = Linear(q_size, config.hidden_size, bias=False)
 
@@ -118,10 +139,16 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """Llama / Qwen2 decoder; `forward` gives hidden states, `logits` the vocabulary scores."""
+    """Llama / Qwen2 decoder; `forward` gives hidden states, `logits` the vocabulary scores.
 
-    def __init__(self, config, max_positions: int):
+    `tie_embeddings` (default: the config's `tie_word_embeddings`) is for a decoder inside
+    a multimodal model, whose text config does not carry it."""
+
+    def __init__(self, config, max_positions: int, tie_embeddings: bool | None = None):
         super().__init__()
+        if tie_embeddings is None:
+            tie_embeddings = config.tie_word_embeddings
+        self.tie_embeddings = tie_embeddings
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
@@ -131,11 +158,14 @@ class LlamaForCausalLM(nn.Module):
         head_dim = self.layers[0].self_attn.head_dim
         self.rotary = RotaryEmbedding(config, head_dim, max_positions)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
+        if tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        return self.decode(self.embed_tokens(input_ids), positions)
+
+    def decode(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Hidden states of the input embeddings x [T, hidden] at their positions."""
         cos, sin = self.rotary.lookup(positions)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for layer in self.layers:
@@ -166,7 +196,7 @@ class LlamaForCausalLM(nn.Module):
             name = name.removeprefix("model.")
             if "rotary_emb" in name:
                 continue
-            if name == "lm_head.weight" and self.config.tie_word_embeddings:
+            if name == "lm_head.weight" and self.tie_embeddings:
                 continue
             parts = name.split(".")
             proj = parts[-2] if len(parts) >= 2 else ""
