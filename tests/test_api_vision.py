@@ -204,8 +204,15 @@ def test_seed_openai_example_as_written(vl_url, media):
 def hf_answer(hf, text: str, images) -> str:
     messages = [{"role": "user", "content": [{"type": "text", "text": text},
                                              *({"type": "image"} for _ in images)]}]
+    return hf_text(hf, messages, images)
+
+
+def hf_text(hf, messages: list[dict], images) -> str:
+    """Transformers' greedy answer, which must not be empty (the comparison would be weak)."""
     tokens, _ = hf.greedy(hf.processor_inputs(messages, images), GREEDY_TOKENS)
-    return hf.tokenizer.decode(tokens, skip_special_tokens=True)
+    text = hf.tokenizer.decode(tokens, skip_special_tokens=True)
+    assert len(tokens) > 2 and text.strip()
+    return text
 
 
 def test_data_url_answer_equals_transformers(vl_url, hf):
@@ -219,6 +226,26 @@ def test_two_images_answer_equals_transformers(vl_url, hf):
     images = [random_image(100, 140, seed=6), random_image(200, 60, seed=7)]
     body = answer(vl_url, [data_url(encoded(image)) for image in images], "Compare them.")
     assert body["choices"][0]["message"]["content"] == hf_answer(hf, "Compare them.", images)
+
+
+def test_images_in_several_turns_answer_equals_transformers(vl_url, hf):
+    images = [random_image(90, 90, seed=30), random_image(150, 80, seed=31)]
+    turns = [("user", "Here is one.", images[0]), ("assistant", "A picture.", None),
+             ("user", "And another; compare.", images[1])]
+
+    def content(text, image, url):
+        if image is None:
+            return text
+        return [{"type": "text", "text": text},
+                {"type": "image_url", "image_url": {"url": url}} if url else {"type": "image"}]
+
+    ours = [{"role": role, "content": content(text, image, image and data_url(encoded(image)))}
+            for role, text, image in turns]
+    theirs = [{"role": role, "content": content(text, image, None)}
+              for role, text, image in turns]
+    resp = requests.post(vl_url + CHAT, json=chat(ours), timeout=300)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["choices"][0]["message"]["content"] == hf_text(hf, theirs, images)
 
 
 def test_http_and_file_urls_give_the_data_url_answer(vl_url, media):

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import gc
 import io
+import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -160,3 +162,59 @@ def test_positions_of_a_prompt_follow_transformers(hf, cases):
             image_grid_thw=inputs["image_grid_thw"])
         assert np.array_equal(prompt.positions, positions[:, 0].numpy()), name
         assert prompt.position_delta == int(delta), name
+
+
+def hub_layout(folder: Path, target: Path) -> Path:
+    """A copy of `folder` whose config.json is laid out as the released Qwen2.5-VL
+    checkpoints' (text keys at the top, `rope_scaling` of type mrope, `in_chans`), and
+    whose preprocessor_config.json names min_pixels and max_pixels."""
+    shutil.copytree(folder, target)
+    config = json.loads((folder / "config.json").read_text())
+    text = config.pop("text_config")
+    rope = text.pop("rope_parameters")
+    text.pop("model_type")
+    config.update(text, rope_theta=rope["rope_theta"],
+                  rope_scaling={"type": "mrope", "mrope_section": rope["mrope_section"]})
+    vision = config["vision_config"]
+    vision["in_chans"] = vision.pop("in_channels")
+    (target / "config.json").write_text(json.dumps(config))
+    processor = json.loads((folder / "preprocessor_config.json").read_text())
+    size = processor.pop("size")
+    processor.update(min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
+    (target / "preprocessor_config.json").write_text(json.dumps(processor))
+    return target
+
+
+def test_a_hub_layout_folder_serves_the_same(vl_folder, cases, tmp_path):
+    from xllm.engine.llm import LLM
+
+    folder = hub_layout(vl_folder, tmp_path / "hub-layout")
+    assert "text_config" not in json.loads((folder / "config.json").read_text())
+    llm = LLM(str(folder), max_model_len=2048, num_blocks=256)
+    prompt, _, ref = cases["two images"]
+    text, sizes = CASES["two images"]
+    images = [random_image(w, h, seed=20 + j) for j, (w, h) in enumerate(sizes)]
+    vision = llm.engine.processor.vision
+    again = llm.engine.processor.chat(
+        messages(text, 2), True, [vision.process(png(im), j) for j, im in enumerate(images)])
+    assert again.token_ids == prompt.token_ids
+    check_output(run(llm, [again], greedy())[0], ref, "two images, hub layout")
+
+
+def test_each_image_is_encoded_once_across_prefill_chunks(llm, cases, monkeypatch):
+    """With 24-token chunks the two images' tokens span several steps; the encoder runs
+    once per image all the same."""
+    prompt, _, _ = cases["two images"]
+    assert any(image.offset // CHUNK != (image.end - 1) // CHUNK for image in prompt.images)
+    model = llm.engine.runner.model
+    encoded = []
+    real = model.embed_images
+
+    def counting(patches, grids):
+        encoded.extend(grids)
+        return real(patches, grids)
+
+    monkeypatch.setattr(model, "embed_images", counting)
+    llm.engine.block_manager.reset_prefix_cache()
+    run(llm, [prompt], greedy(None))
+    assert encoded == [image.grid_thw for image in prompt.images]
