@@ -75,14 +75,16 @@ def encoders(args: argparse.Namespace):
     return ours.eval(), theirs.eval(), image_config
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def median_seconds(fns: list, repeats: int) -> list[float]:
+    """Each function's median time, the functions taking turns (after one warm-up each)."""
+    times: list[list[float]] = [[] for _ in fns]
+    for round_ in range(repeats + 1):
+        for fn, spent in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            if round_:
+                spent.append(time.perf_counter() - start)
+    return [statistics.median(spent) for spent in times]
 
 
 @torch.inference_mode()
@@ -94,8 +96,8 @@ def bench_encoder(args: argparse.Namespace) -> dict:
     for width, height in sizes(args.sizes):
         image = process_image(random_png(width, height, 0), image_config)
         pixels, grid = image.pixel_values, [image.grid_thw]
-        a = median_seconds(partial(ours, pixels, grid), args.repeats)
-        b = median_seconds(partial(theirs, pixels, torch.tensor(grid)), args.repeats)
+        a, b = median_seconds([partial(ours, pixels, grid),
+                               partial(theirs, pixels, torch.tensor(grid))], args.repeats)
         got = ours(pixels, grid)
         want = theirs(pixels, torch.tensor(grid)).pooler_output
         key = f"{width}x{height} ({image.num_tokens} tokens)"
