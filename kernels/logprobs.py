@@ -47,22 +47,17 @@ def _unpack_keys(keys):
 
 
 @triton.jit
-def _top_keys(keys, k, K_PAD: tl.constexpr, USE_SORT: tl.constexpr):
+def _top_keys(keys, k, K_PAD: tl.constexpr):
     """The K_PAD largest keys, largest first (only the first k are needed).
 
-    USE_SORT picks a bitonic top-k (`tl.topk`); otherwise k rounds of "take the
-    max, then knock it out" run (keys are distinct), which compile in a second
-    and run far faster under the interpreter.
+    k rounds of "take the max, then knock it out" (keys are distinct).
     """
-    if USE_SORT:
-        top = tl.topk(keys, K_PAD)
-    else:
-        slots = tl.arange(0, K_PAD)
-        top = tl.full([K_PAD], MIN_KEY, tl.int64)
-        for slot in range(k):
-            best = tl.max(keys, 0)
-            top = tl.where(slots == slot, best, top)
-            keys = tl.where(keys == best, MIN_KEY, keys)
+    slots = tl.arange(0, K_PAD)
+    top = tl.full([K_PAD], MIN_KEY, tl.int64)
+    for slot in range(k):
+        best = tl.max(keys, 0)
+        top = tl.where(slots == slot, best, top)
+        keys = tl.where(keys == best, MIN_KEY, keys)
     return top
 
 
@@ -100,7 +95,6 @@ def chunk_topk_kernel(
     BLOCK_V: tl.constexpr,
     CHUNKS_PAD: tl.constexpr,
     K_PAD: tl.constexpr,
-    USE_SORT: tl.constexpr,
 ):
     """The best K_PAD (logprob, id) keys of one vocab chunk of one row."""
     row = tl.program_id(0).to(tl.int64)
@@ -111,7 +105,7 @@ def chunk_topk_kernel(
     ok = ids < vocab
     x = tl.load(logits_ptr + row * stride_row + ids, mask=ok, other=0.0).to(tl.float32)
     keys = tl.where(ok, _pack_keys(x - lse, ids), MIN_KEY)
-    top = _top_keys(keys, k, K_PAD, USE_SORT)
+    top = _top_keys(keys, k, K_PAD)
     out = (row * num_chunks + chunk) * K_PAD + tl.arange(0, K_PAD)
     tl.store(part_keys_ptr + out, top)
 
@@ -132,7 +126,6 @@ def merge_topk_kernel(
     CHUNKS_PAD: tl.constexpr,
     K_PAD: tl.constexpr,
     MERGE_PAD: tl.constexpr,
-    USE_SORT: tl.constexpr,
 ):
     """Top k of one row from its chunks' keys, plus the chosen token's logprob."""
     row = tl.program_id(0).to(tl.int64)
@@ -143,7 +136,7 @@ def merge_topk_kernel(
         mask=offs < num_chunks * K_PAD,
         other=MIN_KEY,
     )
-    top = _top_keys(keys, k, K_PAD, USE_SORT)
+    top = _top_keys(keys, k, K_PAD)
     values, ids = _unpack_keys(top)
     slots = tl.arange(0, K_PAD)
     tl.store(values_ptr + row * k + slots, values, mask=slots < k)

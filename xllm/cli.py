@@ -42,6 +42,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1]: {text}")
+    return value
+
+
 def _names(text: str) -> tuple[str, ...]:
     """A comma-separated list ('a.com,b.com'); empty items are dropped."""
     return tuple(item.strip() for item in text.split(",") if item.strip())
@@ -85,13 +92,22 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-num-batched-tokens", type=_positive_int, default=defaults.max_num_batched_tokens,
         help="token budget of one engine step (prefill chunks plus decodes)")
     add("--kv-cache-memory", type=parse_size, default=defaults.kv_cache_memory,
-        help="memory for the KV cache in bytes; accepts suffixes like 512M or 2G")
+        help="memory for the KV cache in bytes; accepts suffixes like 512M or 2G; default: "
+        f"{defaults.cpu_kv_cache_memory >> 30}G on the CPU, on CUDA what "
+        "--gpu-memory-utilization leaves")
+    add("--gpu-memory-utilization", type=_fraction, default=defaults.gpu_memory_utilization,
+        help="share of the GPU's memory that weights, activations and KV cache may fill")
+    add("--device", default=defaults.device, choices=["auto", "cpu", "cuda"],
+        help="where the model runs; auto: cuda when torch sees a GPU, else cpu")
+    add("--enforce-eager", action="store_true",
+        help="on CUDA, run decode steps eagerly instead of replaying CUDA graphs")
     add("--num-blocks", type=_positive_int, default=defaults.num_blocks,
         help="number of KV-cache blocks; overrides --kv-cache-memory")
     add("--block-size", type=_positive_int, default=defaults.block_size,
         help="tokens per KV-cache block")
-    add("--dtype", default=defaults.dtype, choices=["float32", "bfloat16", "float16"],
-        help="dtype of weights and activations")
+    add("--dtype", default=defaults.dtype, choices=["auto", "float32", "bfloat16", "float16"],
+        help="dtype of weights and activations; auto: bfloat16 on CUDA, float32 on the CPU "
+        "(the only one the CPU serves)")
     add("--seed", type=int, default=defaults.seed,
         help="seed of the engine's random generator (requests may set their own `seed`)")
     add("--num-threads", type=_positive_int, default=defaults.num_threads,
@@ -153,6 +169,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         num_blocks=args.num_blocks,
         kv_cache_memory=args.kv_cache_memory,
         dtype=args.dtype,
+        device=args.device,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enforce_eager=args.enforce_eager,
         seed=args.seed,
         enable_prefix_caching=not args.disable_prefix_caching,
         num_threads=args.num_threads,

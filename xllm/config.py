@@ -12,8 +12,12 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # small chunks keep time to first token short
     block_size: int = 16
     num_blocks: int | None = None  # None: derived from kv_cache_memory
-    kv_cache_memory: int = 1 << 30  # bytes for K and V of all layers
-    dtype: str = "float32"
+    kv_cache_memory: int | None = None  # bytes for K and V of all layers; None: see below
+    cpu_kv_cache_memory: int = 1 << 30  # the CPU's default (CUDA: gpu_memory_utilization)
+    gpu_memory_utilization: float = 0.9  # share of the GPU's memory the engine may fill
+    device: str = "auto"  # "auto": cuda when torch sees a GPU, else cpu
+    dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on the CPU
+    enforce_eager: bool = False  # True: no CUDA graphs for decode steps
     seed: int = 0
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # torch intra-op threads; None: all cores

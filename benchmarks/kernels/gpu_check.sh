@@ -98,16 +98,12 @@ for vocab in [49152, 152064]:
     torch_ms = triton.testing.do_bench(
         lambda: torch.topk(torch.log_softmax(logits, -1), 20), warmup=10, rep=50)
     line = f"topk 32x{vocab} k=20: torch {torch_ms * 1e3:.0f} us"
-    for use_sort in (False, True):
-        try:
-            fn = lambda: tri.topk_logprobs_with(logits, 20, ids, use_sort=use_sort)
-            same = torch.equal(fn()[1], ref.topk_logprobs(logits, 20, ids)[1])
-            ms = triton.testing.do_bench(fn, warmup=10, rep=50)
-            line += (f" | {'sort' if use_sort else 'scan'} {ms * 1e3:.0f} us"
-                     f" x{torch_ms / ms:.1f} ({logits.numel() * 8 / ms / 1e6:.0f} GB/s, 2 reads)"
-                     f"{'' if same else ' MISMATCH'}")
-        except Exception as error:  # tl.topk is missing in older Triton
-            line += f" | {'sort' if use_sort else 'scan'} failed: {type(error).__name__}"
+    fn = lambda: tri.topk_logprobs(logits, 20, ids)
+    same = torch.equal(fn()[1], ref.topk_logprobs(logits, 20, ids)[1])
+    ms = triton.testing.do_bench(fn, warmup=10, rep=50)
+    line += (f" | triton {ms * 1e3:.0f} us"
+             f" x{torch_ms / ms:.1f} ({logits.numel() * 8 / ms / 1e6:.0f} GB/s, 2 reads)"
+             f"{'' if same else ' MISMATCH'}")
     print(line)
 EOF
 

@@ -304,14 +304,13 @@ def test_topk_neg_inf_and_dominating(k):
     _check_topk(logits.to(DEVICE), k, tokens.to(DEVICE))
 
 
-@pytest.mark.skipif(not hasattr(triton.language, "topk"), reason="this Triton has no tl.topk")
 @pytest.mark.parametrize("k", [1, 3, 20])
-def test_topk_bitonic_path(k):
-    # The sorted selection (the compiled default) on small chunks; interpreted it is slow.
+def test_topk_small_chunks(k):
+    # Many small chunks feeding the merge, ties, and a -inf chosen token.
     logits = torch.randint(-3, 3, (2, 300), generator=_gen(8)).float()
     logits[1, 7] = NEG_INF
     tokens = torch.tensor([5, 7])
-    _check_topk(logits.to(DEVICE), k, tokens.to(DEVICE), use_sort=True, vocab_chunk=64)
+    _check_topk(logits.to(DEVICE), k, tokens.to(DEVICE), vocab_chunk=64)
 
 
 def test_topk_full_vocab():
@@ -409,8 +408,7 @@ tri.copy_blocks(stacked, stacked, torch.tensor([[0, 1], [0, 2]]))
 stacked = torch.zeros(30, 8, 16, 3, 64, dtype=torch.bfloat16)  # SmolLM2: a masked tail
 tri.copy_blocks(stacked, stacked, torch.tensor([[0, 1]], dtype=torch.int32))
 logits = torch.zeros(4, 152064, dtype=torch.bfloat16)
-for use_sort in (False, True):
-    tri.topk_logprobs_with(logits, 20, torch.zeros(4, dtype=torch.long), use_sort=use_sort)
+tri.topk_logprobs(logits, 20, torch.zeros(4, dtype=torch.long))
 tri.beam_prune(torch.zeros(64, 8), torch.zeros(64, 8, 16, dtype=torch.long),
                torch.zeros(64, 8, 16), 16)
 
@@ -446,4 +444,4 @@ def test_kernels_compile_for_hopper():
     )
     print(run.stdout)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    assert run.stdout.count("ok ") == 15
+    assert run.stdout.count("ok ") == 12

@@ -85,7 +85,7 @@ class LLMEngine:
         self.processor = InputProcessor(
             self.tokenizer, self.max_model_len, self.runner.vocab_size, config.max_n,
             config.max_beam_width, VisionSpec.of(hf_config, self.model_path, config))
-        self.sampler = Sampler(config.seed)
+        self.sampler = Sampler(config.seed, self.runner.device)
         self.requests: dict[str, Request] = {}
         self.default_params = self._generation_defaults()
         self.sleep_level = 0  # 0 awake; 1 KV cache freed; 2 weights freed too
@@ -108,9 +108,10 @@ class LLMEngine:
         if params.beam_search:
             self._add_beam_search(request_id, prompt, params)
             return
+        device = self.runner.device
         seqs = [
-            Sequence(request_id, i, prompt, params,
-                     generator=None if params.seed is None else seeded_generator(params.seed, i))
+            Sequence(request_id, i, prompt, params, generator=None if params.seed is None
+                     else seeded_generator(params.seed, i, device))
             for i in range(params.n)
         ]
         if params.prompt_logprobs is not None:
@@ -216,7 +217,9 @@ class LLMEngine:
             return {}
         k = max(self.requests[item.seq.request_id].beam.num_candidates for item in beams)
         rows = logits[[item.sample_row for item in beams]]
-        values, indices, _ = ops.topk_logprobs(rows, k, torch.zeros(len(beams), dtype=torch.long))
+        values, indices, _ = ops.topk_logprobs(
+            rows, k, torch.zeros(len(beams), dtype=torch.long, device=rows.device))
+        values, indices = values.cpu(), indices.cpu()  # the search itself runs on the host
         return {id(item): (values[j], indices[j]) for j, item in enumerate(beams)}
 
     def _compute_apart(self, plan: StepPlan
@@ -355,7 +358,7 @@ class LLMEngine:
         positions = seq.logit_positions(item.start, item.start + item.num_new_tokens)
         last = seq.num_tokens - 1
         targets = torch.tensor([seq.token_ids[min(p + 1, last)] for p in positions],
-                               dtype=torch.long)
+                               dtype=torch.long, device=logits.device)
         p = seq.params
         n = p.logprobs if p.sample_points else p.prompt_logprobs
         values, indices, chosen = ops.topk_logprobs(logits, max(1, n), targets)

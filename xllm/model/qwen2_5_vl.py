@@ -172,10 +172,14 @@ class VisionEncoder(nn.Module):
         self.patch_embed = PatchEmbed(config)
         self.blocks = nn.ModuleList(VisionBlock(config) for _ in range(config.depth))
         self.merger = PatchMerger(config.hidden_size, config.out_hidden_size, self.merge_size)
-        head_dim = config.hidden_size // config.num_heads
-        theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
-        quarter = torch.arange(0, head_dim // 2, 2, dtype=torch.float32) / (head_dim // 2)
-        self.register_buffer("inv_freq", 1.0 / theta**quarter, persistent=False)
+        self.head_dim = config.hidden_size // config.num_heads
+        self.theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        """The rotary frequencies of one axis (a quarter of a head), in float32 whatever the
+        model's dtype."""
+        half = self.head_dim // 2
+        return 1.0 / self.theta ** (torch.arange(0, half, 2, device=device) / half)
 
     def forward(self, patches: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
         """Embeddings [sum of units, out_hidden] of the images whose patches are laid end to
@@ -190,7 +194,8 @@ class VisionEncoder(nn.Module):
             done += units.size
         order = torch.from_numpy(np.concatenate(order)).to(patches.device)
         positions = np.concatenate([patch_positions(g, self.merge_size) for g in grids])
-        freqs = torch.from_numpy(positions).to(patches.device).float()[..., None] * self.inv_freq
+        freqs = torch.from_numpy(positions).to(patches.device).float()[..., None] * \
+            self.inv_freq(patches.device)
         freqs = freqs.flatten(1)  # [N, head_dim / 2]: the row's frequencies, then the column's
 
         x = self.patch_embed(patches)

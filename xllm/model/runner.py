@@ -26,11 +26,12 @@ from xllm.config import EngineConfig
 from xllm.inputs import PromptInput
 from xllm.model.config import ARCHITECTURES
 from xllm.model.context import AttentionContext, set_context
+from xllm.model.cuda_graphs import DecodeGraphs
+from xllm.model.device import Staging, free_gpu_memory, resolve_device, resolve_dtype
 from xllm.model.loader import iterate_weights
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ENCODER_CACHE_IMAGES = 32  # image embeddings kept at most (a bound for abandoned requests)
 
 
@@ -48,35 +49,91 @@ class SeqInput:
 
 class ModelRunner:
     def __init__(self, folder: Path, hf_config, config: EngineConfig, max_model_len: int):
-        torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
         torch.manual_seed(config.seed)
-        self.dtype = DTYPES[config.dtype]
+        self.config = config
         self.block_size = config.block_size
         self.max_model_len = max_model_len
+        # CUDA: block tables of one width (CUDA graphs, a split choice that does not change).
+        self.table_width = -(-max_model_len // config.block_size)
         self.folder = folder
         self.hf_config = hf_config
+        self.staging = Staging(self.device)
         self.model = self._load_model()
         self.vocab_size = hf_config.get_text_config().vocab_size
         self.encoder_cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()
-        self.num_blocks = config.num_blocks or self._blocks_for(config.kv_cache_memory)
+        self.num_blocks = config.num_blocks or self._blocks_for(self._kv_cache_memory())
         self.k_cache: torch.Tensor | None = None  # [layers, blocks, block_size, kv heads, dim]
         self.v_cache: torch.Tensor | None = None
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []  # per-layer views
+        self.graphs: DecodeGraphs | None = None
         self._allocate_kv_cache()
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.device.type == "cuda"
 
     def _load_model(self) -> torch.nn.Module:
         model = ARCHITECTURES[self.hf_config.model_type](self.hf_config, self.max_model_len)
         model.load_weights(iterate_weights(self.folder))
-        return model.to(self.dtype).eval()
+        return model.to(device=self.device, dtype=self.dtype).eval()
+
+    def _kv_cache_memory(self) -> int:
+        """Bytes for the KV cache: as configured, else the CPU's default, else what the GPU
+        has left under --gpu-memory-utilization after the peak of a full prefill step."""
+        if self.config.kv_cache_memory:
+            return self.config.kv_cache_memory
+        if not self.on_cuda:
+            return self.config.cpu_kv_cache_memory
+        return free_gpu_memory(self.device, self.config.gpu_memory_utilization,
+                               self._activation_peak())
+
+    @torch.inference_mode()
+    def _activation_peak(self) -> int:
+        """Bytes a step of max_num_batched_tokens prompt tokens (every row's logits asked
+        for) takes beyond the weights, measured on a KV cache of just enough blocks."""
+        tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
+        blocks = -(-tokens // self.block_size)
+        shape = (blocks, *self.model.kv_block_shape(self.block_size))
+        caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                   torch.zeros(shape, dtype=self.dtype, device=self.device))
+                  for _ in self.model.layers]
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        positions = torch.arange(tokens, device=self.device)
+        set_context(AttentionContext(
+            slot_mapping=positions, seq_lens=torch.tensor([tokens], device=self.device,
+                                                          dtype=torch.int32),
+            query_start_loc=torch.tensor([0, tokens], device=self.device, dtype=torch.int32),
+            block_tables=torch.arange(blocks, device=self.device,
+                                      dtype=torch.int32)[None], kv_caches=caches))
+        try:
+            hidden = self.model(torch.zeros(tokens, dtype=torch.long, device=self.device),
+                                positions)
+            self.model.logits(hidden).float()
+        finally:
+            set_context(None)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        del caches
+        torch.cuda.empty_cache()
+        return peak
 
     def sleep(self, level: int = 1) -> None:
         """Free the KV cache; level 2 frees the weights too. Harmless when already asleep."""
         self.k_cache = self.v_cache = None
         self.kv_caches = []
+        self.graphs = None
         self.encoder_cache.clear()
         if level >= 2 and self.model is not None:
             self.model = None
         gc.collect()
+        if self.on_cuda:
+            torch.cuda.empty_cache()
         logger.info("asleep (level %d)", level)
 
     def wake_up(self) -> None:
@@ -95,26 +152,33 @@ class ModelRunner:
     def _allocate_kv_cache(self) -> None:
         shape = (len(self.model.layers), self.num_blocks,
                  *self.model.kv_block_shape(self.block_size))
-        self.k_cache = torch.zeros(shape, dtype=self.dtype)
-        self.v_cache = torch.zeros(shape, dtype=self.dtype)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.kv_caches = list(zip(self.k_cache.unbind(0), self.v_cache.unbind(0)))
-        logger.info("KV cache: %d blocks of %d tokens", self.num_blocks, self.block_size)
+        logger.info("KV cache: %d blocks of %d tokens on %s", self.num_blocks, self.block_size,
+                    self.device)
+        if self.on_cuda and not self.config.enforce_eager:
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, self.config.max_num_seqs,
+                                       self.table_width, self.device)
+            self.graphs.capture()
 
     @torch.inference_mode()
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy KV-cache blocks (src, dst) in every layer: a beam's copy on write."""
-        ops.copy_blocks(self.k_cache, self.v_cache, torch.tensor(pairs, dtype=torch.int64))
+        ops.copy_blocks(self.k_cache, self.v_cache,
+                        torch.tensor(pairs, dtype=torch.int64, device=self.device))
 
     @torch.inference_mode()
     def run(self, batch: list[SeqInput]) -> torch.Tensor:
-        """Forward the batch; return float32 logits [rows, vocab]: for each input in order,
-        one row per logit offset."""
+        """Forward the batch; return float32 logits [rows, vocab] on the device: for each
+        input in order, one row per logit offset."""
         input_ids, positions, slots, logit_rows = [], [], [], []
         query_start, seq_lens = [0], []
         bs = self.block_size
-        max_blocks = max(len(s.block_table) for s in batch)
-        tables = np.zeros((len(batch), max_blocks), dtype=np.int32)
-        multimodal = any(s.prompt.positions is not None for s in batch)
+        width = self.table_width if self.on_cuda else max(len(s.block_table) for s in batch)
+        tables = np.zeros((len(batch), width), dtype=np.int32)
+        multimodal = any(s.prompt.positions is not None and s.start < len(s.prompt)
+                         for s in batch)
         for i, s in enumerate(batch):
             n = len(s.token_ids)
             offset = query_start[-1]
@@ -122,30 +186,45 @@ class ModelRunner:
             pos = np.arange(s.start, s.start + n)
             table = np.asarray(s.block_table, dtype=np.int64)
             tables[i, : len(table)] = table
-            positions.append(self._positions(s.prompt, pos) if multimodal else pos)
+            if multimodal:
+                positions.append(self._positions(s.prompt, pos))
+            else:  # after an image prompt, a token's three M-RoPE positions are one
+                delta = s.prompt.position_delta
+                positions.append(pos + delta * (pos >= len(s.prompt)) if delta else pos)
             slots.append(table[pos // bs] * bs + pos % bs if s.write_kv else np.full(n, -1))
             logit_rows.extend(offset + o for o in s.logit_offsets)
             query_start.append(offset + n)
             seq_lens.append(s.start + n)
-        set_context(
-            AttentionContext(
-                slot_mapping=torch.from_numpy(np.concatenate(slots)),
-                query_start_loc=torch.tensor(query_start, dtype=torch.int32),
-                seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-                block_tables=torch.from_numpy(tables),
-                kv_caches=self.kv_caches,
-            )
-        )
-        ids = torch.tensor(input_ids, dtype=torch.long)
-        pos = torch.from_numpy(np.concatenate(positions, axis=-1))
-        try:
-            images = self._image_embeds(batch, query_start) if any(
-                s.prompt.images for s in batch) else None
-            hidden = self.model(ids, pos) if images is None else self.model(ids, pos, *images)
-        finally:
-            set_context(None)
-        rows = torch.tensor(logit_rows, dtype=torch.long)
+        stage = self.staging
+        ids = stage("ids", np.asarray(input_ids, dtype=np.int64))
+        pos = stage("positions", np.concatenate(positions, axis=-1))
+        slot_mapping = stage("slots", np.concatenate(slots))
+        lens = stage("seq_lens", np.asarray(seq_lens, dtype=np.int32))
+        block_tables = stage("tables", tables)
+        rows = stage("rows", np.asarray(logit_rows, dtype=np.int64))
+        if pos.dim() == 1 and self._graph_fits(batch, len(input_ids)):
+            hidden = self.graphs.run(ids, pos, slot_mapping, lens, block_tables)
+        else:
+            set_context(AttentionContext(
+                slot_mapping=slot_mapping,
+                query_start_loc=stage("query_start", np.asarray(query_start, dtype=np.int32)),
+                seq_lens=lens, block_tables=block_tables, kv_caches=self.kv_caches))
+            try:
+                images = self._image_embeds(batch, query_start) if any(
+                    s.prompt.images for s in batch) else None
+                hidden = self.model(ids, pos) if images is None else \
+                    self.model(ids, pos, *images)
+            finally:
+                set_context(None)
         return self.model.logits(hidden[rows]).float()
+
+    def _graph_fits(self, batch: list[SeqInput], num_tokens: int) -> bool:
+        """Whether a captured decode graph serves this step: one token per sequence, each
+        writing its KV, no image token, and few enough sequences."""
+        return (self.graphs is not None and num_tokens == len(batch)
+                and len(batch) <= self.graphs.max_batch
+                and all(s.write_kv and not s.prompt.images_in(s.start, s.start + 1)
+                        for s in batch))
 
     @staticmethod
     def _positions(prompt: PromptInput, pos: np.ndarray) -> np.ndarray:
@@ -170,8 +249,8 @@ class ModelRunner:
                if image.digest not in self.encoder_cache}
         if new:
             images = list(new.values())
-            embeds = self.model.embed_images(torch.cat([im.pixel_values for im in images]),
-                                             [im.grid_thw for im in images])
+            patches = torch.cat([im.pixel_values for im in images]).to(self.device)
+            embeds = self.model.embed_images(patches, [im.grid_thw for im in images])
             for image, part in zip(images, embeds.split([im.num_tokens for im in images])):
                 self.encoder_cache[image.digest] = part
         rows, parts, done = [], [], set()
@@ -187,4 +266,4 @@ class ModelRunner:
             self.encoder_cache.pop(digest, None)
         while len(self.encoder_cache) > ENCODER_CACHE_IMAGES:
             self.encoder_cache.popitem(last=False)
-        return torch.from_numpy(np.concatenate(rows)), torch.cat(parts)
+        return self.staging("image_rows", np.concatenate(rows)), torch.cat(parts)

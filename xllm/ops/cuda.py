@@ -215,14 +215,9 @@ def topk_logprobs_with(
     logits: torch.Tensor,
     k: int,
     token_ids: torch.Tensor,
-    use_sort: bool = False,
     vocab_chunk: int = VOCAB_CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`topk_logprobs` with the selection method and chunk size open (for tests and benchmarks).
-
-    use_sort: bitonic `tl.topk` instead of the default k rounds of max selection;
-    the sort compiles for ~25 s per k class and crawls under the interpreter.
-    """
+    """`topk_logprobs` with the chunk size open (for tests and benchmarks)."""
     rows, vocab = logits.shape
     device = logits.device
     values = torch.empty(rows, k, dtype=torch.float32, device=device)
@@ -247,13 +242,12 @@ def topk_logprobs_with(
         )
         chunk_topk_kernel[(rows, num_chunks)](
             logits, part_max, part_sum, part_keys, logits.stride(0), vocab, k,
-            BLOCK_V=block_v, CHUNKS_PAD=chunks_pad, K_PAD=k_pad, USE_SORT=use_sort,
+            BLOCK_V=block_v, CHUNKS_PAD=chunks_pad, K_PAD=k_pad,
         )  # fmt: skip
         merge_topk_kernel[(rows,)](
             logits, token_ids, part_max, part_sum, part_keys, values, indices, chosen,
             logits.stride(0), num_chunks, k,
             CHUNKS_PAD=chunks_pad, K_PAD=k_pad, MERGE_PAD=_next_pow2(num_chunks * k_pad),
-            USE_SORT=use_sort,
         )  # fmt: skip
     return values, indices, chosen
 

@@ -1,0 +1,68 @@
+"""Where the engine runs: --device and --dtype, the CUDA-graph batch ladder, input staging."""
+
+import numpy as np
+import pytest
+import torch
+
+from xllm.model.cuda_graphs import batch_ladder
+from xllm.model.device import Staging, resolve_device, resolve_dtype
+
+NO_CUDA = not torch.cuda.is_available()
+
+
+def test_auto_device_follows_torch():
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.skipif(not NO_CUDA, reason="this machine has a GPU")
+def test_cuda_without_a_gpu_is_refused():
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        resolve_device("cuda")
+
+
+def test_other_devices_are_refused():
+    with pytest.raises(ValueError, match="cpu or cuda"):
+        resolve_device("mps")
+
+
+def test_dtypes():
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu) == torch.float32
+    assert resolve_dtype("float32", cpu) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
+    assert resolve_dtype("float16", torch.device("cuda", 0)) == torch.float16
+    for name in ("bfloat16", "float16"):  # refused at startup, not with a 500 per request
+        with pytest.raises(ValueError, match="not served on the CPU"):
+            resolve_dtype(name, cpu)
+    with pytest.raises(ValueError, match="one of"):
+        resolve_dtype("int8", cpu)
+
+
+@pytest.mark.parametrize("most", [1, 2, 5, 16, 20, 64, 256])
+def test_batch_ladder_holds_every_batch(most):
+    sizes = batch_ladder(most)
+    assert sizes == sorted(set(sizes)) and sizes[-1] == most and sizes[0] == 1
+    for n in range(1, most + 1):
+        assert any(s >= n for s in sizes)
+    assert len(sizes) <= 4 + most // 16 + 1
+
+
+def test_staging_on_the_cpu_is_the_array():
+    staging = Staging(torch.device("cpu"))
+    array = np.arange(10, dtype=np.int64)
+    tensor = staging("ids", array)
+    assert tensor.device.type == "cpu" and tensor.tolist() == list(range(10))
+
+
+@pytest.mark.skipif(NO_CUDA, reason="pinned host buffers need CUDA")
+def test_staging_on_cuda_reuses_pinned_buffers():
+    staging = Staging(torch.device("cuda", 0))
+    first = staging("ids", np.arange(300, dtype=np.int64))
+    buffer = staging.buffers["ids"]
+    assert buffer.is_pinned() and first.is_cuda
+    second = staging("ids", np.arange(5, dtype=np.int64))
+    assert staging.buffers["ids"] is buffer
+    assert second.tolist() == list(range(5)) and first.tolist() == list(range(300))
+    staging("ids", np.arange(1000, dtype=np.int64))
+    assert staging.buffers["ids"].numel() >= 1000

@@ -1,0 +1,149 @@
+"""The engine served by the Triton kernels (interpreted on the CPU) against transformers.
+
+Tiny random Llama and Qwen2 models with a tokenizer made on the spot (tests/engine/synthetic.py):
+a batch of prompts of different lengths, one longer than `max_num_batched_tokens` (a chunked
+prefill), then decode steps; greedy tokens and top logprobs equal transformers' (float64
+oracle), and spies show that `xllm.ops.cuda` served every attention and KV write. Interpreted
+Triton is slow: small models, few tokens. On a machine with a GPU Triton compiles instead of
+interpreting CPU tensors, so this test is skipped there; test_cuda_engine.py covers it.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from hf_oracle import (
+    LOGPROB_TOL,
+    assert_top_logprobs,
+    check_greedy,
+    hf_generate_greedy,
+    load_hf_folder,
+    run,
+)
+from synthetic import build_model, build_tokenizer, window_prompts
+
+from xllm import ops
+from xllm.engine.sampling_params import SamplingParams
+from xllm.ops import reference
+
+if torch.cuda.is_available():
+    pytest.skip("a GPU is present: test_cuda_engine.py runs the compiled kernels",
+                allow_module_level=True)
+triton_ops = pytest.importorskip("xllm.ops.cuda", reason="triton is not installed")
+if not triton_ops.INTERPRETED:
+    pytest.skip("TRITON_INTERPRET=1 was not set before triton was imported",
+                allow_module_level=True)
+
+MODELS = {"llama": ("llama", "tiny"), "qwen2": ("qwen2", "tiny-gqa4")}
+PROMPT_LENGTHS = [5, 19, 45]
+MAX_BATCHED_TOKENS = 32  # below the longest prompt: its prefill runs in chunks
+NEW_TOKENS = 6
+TOP = 3
+SPIED = ("paged_attention", "write_kv", "topk_logprobs")
+
+
+@dataclass
+class Served:
+    name: str
+    folder: Path
+    num_layers: int
+    prompts: list[list[int]]
+    outputs: list  # RequestOutput per prompt
+    calls: Counter  # (module, kernel) -> calls during generate
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+def spy_modules() -> list:
+    """The modules whose kernels must not serve (the reference, the C++ kernels if built)."""
+    modules = [reference]
+    if ops.available("cpp"):
+        import xllm.ops.cpu
+
+        modules.append(xllm.ops.cpu)
+    return modules
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def served(request, tokenizer, tmp_path_factory) -> Served:
+    """One model's engine run under the Triton backend, with every kernel call counted."""
+    from xllm.engine.llm import LLM
+
+    kind, shape = MODELS[request.param]
+    folder = build_model(tmp_path_factory.mktemp(request.param), kind, shape, seed=7,
+                         tokenizer=tokenizer)
+    llm = LLM(str(folder), device="cpu", dtype="float32", max_model_len=128, num_blocks=24,
+              max_num_seqs=4, max_num_batched_tokens=MAX_BATCHED_TOKENS)
+    prompts = window_prompts(tokenizer, PROMPT_LENGTHS)
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True,
+                            logprobs=TOP)
+    calls: Counter = Counter()
+    with pytest.MonkeyPatch.context() as patch:
+        for module in [triton_ops, *spy_modules()]:
+            for name in SPIED:
+                patch.setattr(module, name, counted(calls, module, name))
+        with ops.use_backend("triton"):
+            outputs = run(llm, prompts, params)
+    num_layers = len(llm.engine.runner.model.layers)
+    del llm
+    gc.collect()
+    return Served(request.param, folder, num_layers, prompts, outputs, calls)
+
+
+def counted(calls: Counter, module, name: str):
+    kernel = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        calls[module.__name__, name] += 1
+        return kernel(*args, **kwargs)
+
+    return wrapper
+
+
+def test_prompts_need_a_chunked_prefill():
+    assert max(PROMPT_LENGTHS) > MAX_BATCHED_TOKENS
+    assert sum(PROMPT_LENGTHS) > 2 * MAX_BATCHED_TOKENS
+
+
+def test_triton_served_every_kernel(served: Served):
+    calls = served.calls
+    # At least the chunks of the prefill (3) and the decode steps, in every layer.
+    steps = 3 + NEW_TOKENS - 1
+    for name in ("paged_attention", "write_kv"):
+        assert calls["xllm.ops.cuda", name] >= steps * served.num_layers, (name, dict(calls))
+    assert calls["xllm.ops.cuda", "topk_logprobs"] >= NEW_TOKENS
+    others = {key: n for key, n in calls.items() if key[0] != "xllm.ops.cuda" and n}
+    assert not others, f"kernels served by another backend: {others}"
+
+
+def test_triton_greedy_and_logprobs_match_transformers(served: Served):
+    model = load_hf_folder(served.folder)
+    failures = []
+    for i, (prompt, out) in enumerate(zip(served.prompts, served.outputs, strict=True)):
+        what = f"{served.name} prompt {i} ({len(prompt)} tokens)"
+        ref = hf_generate_greedy(model, prompt, NEW_TOKENS)
+        choice = out.outputs[0]
+        message = check_greedy(choice.token_ids, ref, what)
+        if message:
+            failures.append(message)
+            continue
+        assert choice.finish_reason == "length", what
+        assert choice.logprobs is not None and len(choice.logprobs) == NEW_TOKENS, what
+        ref_logprobs = torch.log_softmax(ref.logits, dim=-1)
+        for step, entry in enumerate(choice.logprobs):
+            if choice.token_ids[step] != ref.token_ids[step]:
+                break  # a late near tie, which check_greedy allowed
+            where = f"{what} step {step}"
+            assert entry.token_id == choice.token_ids[step], where
+            want = float(ref_logprobs[step, entry.token_id])
+            assert abs(entry.logprob - want) <= LOGPROB_TOL, f"{where}: {entry.logprob} vs {want}"
+            assert_top_logprobs(entry.top, ref_logprobs[step], TOP, where)
+    assert not failures, "\n\n".join(failures)

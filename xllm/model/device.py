@@ -1,0 +1,75 @@
+"""Where the engine runs: the device and dtype a configuration names, the KV cache's share of
+a GPU's memory, and the host buffers a step's inputs are staged in."""
+
+import numpy as np
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" is cuda when torch sees a GPU, else cpu; ValueError for a device not at hand."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r}: xllm runs on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: torch sees no CUDA GPU here")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """"auto" is bfloat16 on CUDA, float32 on the CPU, whose C++ kernels take float32 only."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r}: one of auto, {', '.join(DTYPES)}")
+    dtype = DTYPES[name]
+    if device.type == "cpu" and dtype != torch.float32:
+        raise ValueError(f"dtype {name} is not served on the CPU (its kernels take float32); "
+                         "use --dtype float32 or auto")
+    return dtype
+
+
+def free_gpu_memory(device: torch.device, utilization: float, reserve: int) -> int:
+    """Bytes the KV cache may take: `utilization` of the GPU's memory, less what is in use
+    (by anyone) and `reserve` (the activations' peak)."""
+    free, total = torch.cuda.mem_get_info(device)
+    budget = int(total * utilization) - (total - free) - reserve
+    if budget <= 0:
+        raise ValueError(f"no GPU memory left for the KV cache: {utilization:.0%} of "
+                         f"{total / 2**30:.1f} GiB is taken by the weights and activations "
+                         "(raise --gpu-memory-utilization or use a smaller model)")
+    return budget
+
+
+class Staging:
+    """A step's input arrays on their way to the device: on CUDA through pinned host
+    buffers (one per name, kept between steps, grown on demand) and copies that do not
+    block the host; a buffer is written again only once its last copy is done. On the
+    CPU, the arrays themselves."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.copied: dict[str, torch.cuda.Event] = {}
+
+    def __call__(self, name: str, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        if self.device.type == "cpu":
+            return tensor
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < tensor.numel() or buffer.dtype != tensor.dtype:
+            buffer = torch.empty(max(tensor.numel(), 256), dtype=tensor.dtype, pin_memory=True)
+            self.buffers[name] = buffer
+        elif name in self.copied:
+            self.copied[name].synchronize()
+        host = buffer[: tensor.numel()].view(tensor.shape)
+        host.copy_(tensor)
+        out = host.to(self.device, non_blocking=True)
+        self.copied[name] = torch.cuda.Event()
+        self.copied[name].record()
+        return out
