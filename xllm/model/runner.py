@@ -4,7 +4,9 @@ The engine hands it one `SeqInput` per scheduled sequence (its prompt, the new
 token ids, where they start, the block table, which positions need logits); it
 lays them end to end into flat tensors, sets the attention context (metadata
 and KV cache), runs the model once for prefill chunks and decodes together, and
-returns the logits asked for.
+returns the logits asked for. On CUDA the model, the KV cache and the logits stay on
+the GPU, the inputs arrive through pinned buffers (`device.Staging`), and a decode step
+replays a CUDA graph (`cuda_graphs`).
 
 For a vision model the runner also owns the encoder cache: an image's embeddings are
 computed in the first step that reads one of its tokens and kept until a step reads
