@@ -89,8 +89,12 @@ def sync(setup: Setup) -> None:
 def time_call(fn: Callable[[], object], setup: Setup, max_reps: int = 500) -> float:
     """Milliseconds per call after a warm-up: CUDA, the mean of a timed loop; CPU, the fastest
     of at least three single calls (other work on a shared machine only ever adds time).
-    A warm-up slower than SLOW_CALL_S is taken as the measurement."""
+    A warm-up slower than SLOW_CALL_S is taken as the measurement. On CUDA an untimed call
+    comes first: it may compile a new kernel variant (seconds), which is not the kernel's time."""
     sync(setup)
+    if setup.cuda:
+        fn()
+        sync(setup)
     start = time.perf_counter()
     fn()
     sync(setup)
