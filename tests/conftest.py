@@ -99,7 +99,7 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def start_server():
+def serve_model():
     """`running_server`, for tests that serve a model of their own."""
     return running_server
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import http.server
-import io
 import json
 import socket
 import threading
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 from api_checks import assert_still_healthy, check_error
-from vl_model import build_tiny_qwen2_5_vl, hf_vl_reference, random_image
+from vl_model import build_tiny_qwen2_5_vl, encoded, hf_vl_reference, random_image
 
 MODEL = "Qwen2.5-VL-7B-Instruct"
 SEED_PORT = 12345  # the seed's vision examples' port, used when it is free
@@ -26,12 +25,6 @@ MAX_IMAGES = 3
 MAX_IMAGE_PIXELS = 1000 * 1000
 FETCH_TIMEOUT_S = 1.0
 GREEDY_TOKENS = 12
-
-
-def encoded(image, kind: str = "PNG") -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=kind)
-    return buffer.getvalue()
 
 
 def data_url(data: bytes, media_type: str = "image/png") -> str:
@@ -97,7 +90,7 @@ def seed_port_or_free() -> int | None:
 
 
 @pytest.fixture(scope="module")
-def vl_url(vl_folder, media, tmp_path_factory, start_server) -> str:
+def vl_url(vl_folder, media, tmp_path_factory, serve_model) -> str:
     args = ["--model", str(vl_folder), "--served-model-name", MODEL,
             "--max-model-len", "4096", "--num-blocks", "512",
             "--limit-images-per-prompt", str(MAX_IMAGES),
@@ -105,7 +98,7 @@ def vl_url(vl_folder, media, tmp_path_factory, start_server) -> str:
             "--media-fetch-timeout", str(FETCH_TIMEOUT_S),
             "--allowed-local-media-path", str(media["folder"])]
     log = tmp_path_factory.mktemp("vl_server") / "server.log"
-    with start_server(args, log, seed_port_or_free()) as base_url:
+    with serve_model(args, log, seed_port_or_free()) as base_url:
         yield base_url
 
 

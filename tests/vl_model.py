@@ -8,6 +8,7 @@ and builds its inputs without `Qwen2_5_VLProcessor` (which needs torchvision).
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from pathlib import Path
@@ -182,6 +183,13 @@ def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
     return Image.fromarray(pixels, mode="RGB")
+
+
+def encoded(image: Image.Image, kind: str = "PNG") -> bytes:
+    """The image as a file of the given format."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=kind)
+    return buffer.getvalue()
 
 
 def is_image_part(part: dict) -> bool:

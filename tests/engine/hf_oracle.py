@@ -130,7 +130,8 @@ def hf_generate_greedy(
     adjust: LogitsAdjust | None = None,
     **kwargs,
 ) -> Greedy:
-    """transformers' generate(do_sample=False) for exactly max_new_tokens (EOS does not stop it).
+    """transformers' generate(do_sample=False) for exactly max_new_tokens (EOS does not stop it),
+    on the model's device; the logits come back to the CPU.
 
     `adjust(logits, output_ids_so_far)`, if given, changes the logits before each argmax
     (a logits processor); the recorded logits are then the adjusted ones, the margins
@@ -154,7 +155,7 @@ def hf_generate_greedy(
         **kwargs,
     )
     processors = LogitsProcessorList([Adjust()] if adjust else [])
-    ids = torch.tensor([prompt_ids])
+    ids = torch.tensor([prompt_ids], device=model.device)
     with one_thread():
         out = model.generate(
             ids,
@@ -165,14 +166,15 @@ def hf_generate_greedy(
     tokens = out.sequences[0, len(prompt_ids) :].tolist()
     assert len(tokens) == max_new_tokens
     chosen = out.scores if adjust else out.logits
-    return Greedy(tokens, torch.stack(chosen)[:, 0].float())
+    return Greedy(tokens, torch.stack(chosen)[:, 0].float().cpu())
 
 
 @torch.no_grad()
 def hf_prompt_logits(model, prompt_ids: list[int]) -> torch.Tensor:
-    """Logits at every prompt position: row i predicts prompt token i + 1. [len, vocab]."""
+    """Logits at every prompt position, float32 on the CPU (the model on any device): row i
+    predicts prompt token i + 1. [len, vocab]."""
     with one_thread():
-        return model(torch.tensor([prompt_ids])).logits[0].float()
+        return model(torch.tensor([prompt_ids], device=model.device)).logits[0].float().cpu()
 
 
 # A near tie may end a greedy comparison early, but not before this many tokens (or this
@@ -228,27 +230,43 @@ def assert_greedy_equal(engine_ids: list[int], ref: Greedy, what: str = "") -> N
 
 
 def assert_top_logprobs(
-    engine_top: list[tuple[int, float]], ref_logprobs: torch.Tensor, k: int, what: str = ""
+    engine_top: list[tuple[int, float]], ref_logprobs: torch.Tensor, k: int, what: str = "",
+    tol: float = LOGPROB_TOL,
 ) -> None:
     """The engine's top-k (token, logprob), best first, against a reference log-softmax row.
 
-    Each engine logprob is the reference's for that token within LOGPROB_TOL, and the
-    tokens are the reference's top k (a swap of two within LOGPROB_TOL is a tie).
+    Each engine logprob is the reference's for that token within `tol`, and the
+    tokens are the reference's top k (a swap of two within `tol` is a tie).
     """
     assert len(engine_top) == k, f"{what}: {len(engine_top)} top logprobs, expected {k}"
     for token, logprob in engine_top:
         want = float(ref_logprobs[token])
-        assert abs(logprob - want) <= LOGPROB_TOL, (
+        assert abs(logprob - want) <= tol, (
             f"{what}: top token {token} logprob {logprob} vs transformers {want}"
         )
     got_values = [lp for _, lp in engine_top]
     assert got_values == sorted(got_values, reverse=True), f"{what}: top not best first"
     ref_values = ref_logprobs.topk(k).values.tolist()
     for got, want in zip(got_values, ref_values, strict=True):
-        assert abs(got - want) <= LOGPROB_TOL, (
+        assert abs(got - want) <= tol, (
             f"{what}: engine top {[t for t, _ in engine_top]} are not transformers' top "
             f"{ref_logprobs.topk(k).indices.tolist()} ({got_values} vs {ref_values})"
         )
+
+
+def assert_step_logprobs(choice, ref: Greedy, what: str, top: int,
+                         tol: float = LOGPROB_TOL) -> None:
+    """Each step's logprob of the engine's token, and its top `top`, against transformers'
+    log-softmax, up to the first step where the tokens part (a tie check_greedy allowed)."""
+    ref_logprobs = torch.log_softmax(ref.logits, dim=-1)
+    for step, entry in enumerate(choice.logprobs):
+        if choice.token_ids[step] != ref.token_ids[step]:
+            break
+        where = f"{what} step {step}"
+        assert entry.token_id == choice.token_ids[step], where
+        want = float(ref_logprobs[step, entry.token_id])
+        assert abs(entry.logprob - want) <= tol, f"{where}: {entry.logprob} vs {want}"
+        assert_top_logprobs(entry.top, ref_logprobs[step], top, where, tol)
 
 
 @dataclass

@@ -32,7 +32,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_oracle import Greedy, check_greedy, run
+from hf_oracle import (
+    assert_step_logprobs,
+    check_greedy,
+    hf_generate_greedy,
+    hf_prompt_logits,
+    run,
+)
 from synthetic import build_model, build_tokenizer, window_prompts
 
 from xllm.engine.sampling_params import SamplingParams
@@ -103,45 +109,9 @@ def hf_models(folders) -> dict[str, torch.nn.Module]:
             .to(DEVICE).eval() for name, folder in folders.items()}
 
 
-@torch.no_grad()
-def hf_greedy(model, prompt: list[int], new_tokens: int) -> Greedy:
-    """transformers' greedy continuation on the model's device (EOS does not stop it)."""
-    from transformers import GenerationConfig
-
-    config = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, eos_token_id=[],
-                              pad_token_id=0, output_logits=True, return_dict_in_generate=True)
-    ids = torch.tensor([prompt], device=model.device)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
-    tokens = out.sequences[0, len(prompt):].tolist()
-    assert len(tokens) == new_tokens
-    return Greedy(tokens, torch.stack(out.logits)[:, 0].float().cpu())
-
-
-@torch.no_grad()
-def hf_prompt_logprobs(model, prompt: list[int]) -> torch.Tensor:
-    """log_softmax of the logits at every prompt position, float32 on the CPU. [len, vocab]"""
-    logits = model(torch.tensor([prompt], device=model.device)).logits[0].float()
-    return torch.log_softmax(logits, dim=-1).cpu()
-
-
 def greedy_params(prompt_index: int, **kwargs) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS[prompt_index],
                           ignore_eos=True, **kwargs)
-
-
-def assert_top_close(top: list[tuple[int, float]], ref: torch.Tensor, k: int, tol: float,
-                     what: str) -> None:
-    """The engine's top-k (token, logprob), best first, against a reference log-softmax row:
-    each logprob within `tol` of the reference's for its token, and the k values those of
-    the reference's top k (a swap within `tol` is a tie)."""
-    assert len(top) == k, f"{what}: {len(top)} top logprobs, expected {k}"
-    for token, logprob in top:
-        assert abs(logprob - float(ref[token])) <= tol, (
-            f"{what}: top token {token} logprob {logprob} vs transformers {float(ref[token])}")
-    values = [lp for _, lp in top]
-    assert values == sorted(values, reverse=True), f"{what}: top not best first"
-    for got, want in zip(values, ref.topk(k).values.tolist(), strict=True):
-        assert abs(got - want) <= tol, f"{what}: top {values} vs transformers' {want}"
 
 
 @dataclass
@@ -182,23 +152,14 @@ def test_greedy_batch_matches_transformers(engine: Engine, prompts, hf_models):
     failures = []
     for i, (prompt, out) in enumerate(zip(prompts, outs, strict=True)):
         what = f"{engine.name} eager={engine.eager} prompt {i} ({len(prompt)} tokens)"
-        ref = hf_greedy(model, prompt, NEW_TOKENS[i])
+        ref = hf_generate_greedy(model, prompt, NEW_TOKENS[i])
         choice = out.outputs[0]
         message = check_greedy(choice.token_ids, ref, what)
         if message:
             failures.append(message)
             continue
         assert choice.logprobs is not None and len(choice.logprobs) == NEW_TOKENS[i], what
-        ref_logprobs = torch.log_softmax(ref.logits, dim=-1)
-        for step, entry in enumerate(choice.logprobs):
-            if choice.token_ids[step] != ref.token_ids[step]:
-                break  # a late near tie, which check_greedy allowed
-            where = f"{what} step {step}"
-            assert entry.token_id == choice.token_ids[step], where
-            want = float(ref_logprobs[step, entry.token_id])
-            assert abs(entry.logprob - want) <= CUDA_LOGPROB_TOL, (
-                f"{where}: {entry.logprob} vs {want}")
-            assert_top_close(entry.top, ref_logprobs[step], TOP, CUDA_LOGPROB_TOL, where)
+        assert_step_logprobs(choice, ref, what, TOP, CUDA_LOGPROB_TOL)
     assert not failures, "\n\n".join(failures)
     # Again: the prompts now come from the prefix cache; the answers must not change.
     again = run(engine.llm, prompts, params)
@@ -315,8 +276,8 @@ def test_bf16_logprobs_and_first_tokens(name, folders, prompts, hf_models):
         # The prompt and the engine's own answer, read by transformers in one pass: its
         # logprobs at every position, the prompt's and the decode steps' (graph replays).
         full = prompt + choice.token_ids
-        truth = hf_prompt_logprobs(hf_models[name], full)
-        hf = hf_prompt_logprobs(hf_bf16, full)
+        truth = torch.log_softmax(hf_prompt_logits(hf_models[name], full), dim=-1)
+        hf = torch.log_softmax(hf_prompt_logits(hf_bf16, full), dim=-1)
         entries = out.prompt_logprobs
         assert entries is not None and len(entries) == len(prompt), what
         assert choice.logprobs is not None and len(choice.logprobs) == BF16_NEW_TOKENS, what

@@ -12,6 +12,7 @@ from hf_oracle import (
     TIE_TOL,
     TINY_SPECS,
     Greedy,
+    assert_step_logprobs,
     assert_top_logprobs,
     chat_ids,
     check_greedy,
@@ -175,15 +176,7 @@ def test_tiny_greedy_matches_transformers(tiny, tiny_prompts):
             failures.append(message)
             continue
         assert choice.logprobs is not None and len(choice.logprobs) == TINY_NEW_TOKENS
-        ref_logprobs = torch.log_softmax(ref.logits, dim=-1)
-        for step, entry in enumerate(choice.logprobs):
-            if choice.token_ids[step] != ref.token_ids[step]:
-                break  # a late enough near tie (check_greedy allowed it)
-            what = f"{name} prompt {i} step {step}"
-            assert entry.token_id == choice.token_ids[step], what
-            want = float(ref_logprobs[step, entry.token_id])
-            assert abs(entry.logprob - want) <= LOGPROB_TOL, f"{what}: {entry.logprob} vs {want}"
-            assert_top_logprobs(entry.top, ref_logprobs[step], TOP, what)
+        assert_step_logprobs(choice, ref, f"{name} prompt {i}", TOP)
     assert not failures, "\n\n".join(failures)
 
 

@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from hf_oracle import (
-    LOGPROB_TOL,
-    assert_top_logprobs,
+    assert_step_logprobs,
     check_greedy,
     hf_generate_greedy,
     load_hf_folder,
@@ -137,13 +136,5 @@ def test_triton_greedy_and_logprobs_match_transformers(served: Served):
             continue
         assert choice.finish_reason == "length", what
         assert choice.logprobs is not None and len(choice.logprobs) == NEW_TOKENS, what
-        ref_logprobs = torch.log_softmax(ref.logits, dim=-1)
-        for step, entry in enumerate(choice.logprobs):
-            if choice.token_ids[step] != ref.token_ids[step]:
-                break  # a late near tie, which check_greedy allowed
-            where = f"{what} step {step}"
-            assert entry.token_id == choice.token_ids[step], where
-            want = float(ref_logprobs[step, entry.token_id])
-            assert abs(entry.logprob - want) <= LOGPROB_TOL, f"{where}: {entry.logprob} vs {want}"
-            assert_top_logprobs(entry.top, ref_logprobs[step], TOP, where)
+        assert_step_logprobs(choice, ref, what, TOP)
     assert not failures, "\n\n".join(failures)

@@ -5,7 +5,6 @@ of different sizes, prefill chunks that end inside an image, and the prefix cach
 from __future__ import annotations
 
 import gc
-import io
 import json
 import shutil
 import sys
@@ -18,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1]))  # vl_model
 
 from hf_oracle import LOGPROB_TOL, Greedy, assert_top_logprobs, check_greedy, run  # noqa: E402
-from vl_model import build_tiny_qwen2_5_vl, hf_vl_reference, random_image  # noqa: E402
+from vl_model import build_tiny_qwen2_5_vl, encoded, hf_vl_reference, random_image  # noqa: E402
 
 from xllm.engine.sampling_params import SamplingParams  # noqa: E402
 
@@ -33,12 +32,6 @@ CASES = {
     "wide image": ("What is in it?", [(400, 60)]),
     "large image": ("What do you see?", [(640, 480)]),
 }
-
-
-def png(image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def messages(text: str, count: int) -> list[dict]:
@@ -74,7 +67,7 @@ def cases(hf, llm):
     for i, (name, (text, sizes)) in enumerate(CASES.items()):
         images = [random_image(w, h, seed=10 * i + j) for j, (w, h) in enumerate(sizes)]
         vision = llm.engine.processor.vision
-        processed = [vision.process(png(image), j) for j, image in enumerate(images)]
+        processed = [vision.process(encoded(image), j) for j, image in enumerate(images)]
         prompt = llm.engine.processor.chat(messages(text, len(images)), True, processed)
         inputs = hf.processor_inputs(messages(text, len(images)), images)
         tokens, logits = hf.greedy(inputs, NEW_TOKENS)
@@ -139,7 +132,7 @@ def test_prefix_cache_reuses_an_image_only_when_it_is_the_same(llm, hf, cases):
     text, sizes = CASES["one image"]
     other = random_image(*sizes[0], seed=99)
     vision = llm.engine.processor.vision
-    processed = [vision.process(png(other), 0)]
+    processed = [vision.process(encoded(other), 0)]
     other_prompt = llm.engine.processor.chat(messages(text, 1), True, processed)
     assert other_prompt.token_ids == prompt.token_ids
     tokens, logits = hf.greedy(hf.processor_inputs(messages(text, 1), [other]), NEW_TOKENS)
@@ -196,7 +189,7 @@ def test_a_hub_layout_folder_serves_the_same(vl_folder, cases, tmp_path):
     images = [random_image(w, h, seed=20 + j) for j, (w, h) in enumerate(sizes)]
     vision = llm.engine.processor.vision
     again = llm.engine.processor.chat(
-        messages(text, 2), True, [vision.process(png(im), j) for j, im in enumerate(images)])
+        messages(text, 2), True, [vision.process(encoded(im), j) for j, im in enumerate(images)])
     assert again.token_ids == prompt.token_ids
     check_output(run(llm, [again], greedy())[0], ref, "two images, hub layout")
 

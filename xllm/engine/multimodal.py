@@ -24,8 +24,7 @@ class VisionSpec:
     """What the engine needs to know of a vision model to build its prompts."""
 
     image_token_id: int
-    merge_size: int
-    images: ImageConfig
+    images: ImageConfig  # its merge size is the model's
     max_images: int  # per prompt
 
     @classmethod
@@ -35,8 +34,7 @@ class VisionSpec:
             return None
         images = ImageConfig.from_folder(folder, config.image_min_pixels,
                                          config.image_max_pixels, config.max_image_pixels)
-        return cls(hf_config.image_token_id, hf_config.vision_config.spatial_merge_size,
-                   images, config.limit_images_per_prompt)
+        return cls(hf_config.image_token_id, images, config.limit_images_per_prompt)
 
     def check_count(self, count: int) -> None:
         if count > self.max_images:
@@ -67,7 +65,7 @@ class VisionSpec:
             previous = place + 1
         ids += token_ids[previous:]
         positions, delta = mrope_positions(
-            len(ids), [(image.offset, image.grid_thw) for image in inputs], self.merge_size)
+            len(ids), [(image.offset, image.grid_thw) for image in inputs], self.images.merge_size)
         return PromptInput(tuple(ids), tuple(inputs), positions, delta)
 
 

@@ -218,8 +218,6 @@ class Qwen2_5_VLForConditionalGeneration(nn.Module):
                                          tie_embeddings=config.tie_word_embeddings)
         self.visual = VisionEncoder(config.vision_config)
         self.layers = self.language.layers
-        self.image_token_id = config.image_token_id
-        self.merge_size = config.vision_config.spatial_merge_size
 
     def embed_images(self, patches: torch.Tensor, grids: list[tuple[int, int, int]]
                      ) -> torch.Tensor:
