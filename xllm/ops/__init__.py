@@ -92,3 +92,13 @@ def beam_prune(beam_scores, cand_tokens, cand_logprobs, num_keep):
 def linear(x, weight, bias=None):
     """See `reference.linear`."""
     return backend_for(x).linear(x, weight, bias)
+
+
+def quant_linear(x, data, qtype, bias=None):
+    """See `reference.quant_linear`."""
+    return backend_for(x).quant_linear(x, data, qtype, bias)
+
+
+def dequantize(data, qtype, rows=None):
+    """See `reference.dequantize`."""
+    return backend_for(data).dequantize(data, qtype, rows)

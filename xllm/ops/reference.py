@@ -6,6 +6,8 @@ Readable first, fast never. Each function has the same signature as its C++
 
 import torch
 
+from xllm.ops.quant import quant_format
+
 
 def paged_attention(
     q: torch.Tensor,
@@ -129,3 +131,76 @@ def beam_prune(
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ weight^T (+ bias): x [..., K], weight [N, K], bias [N]; returns [..., N]."""
     return torch.nn.functional.linear(x, weight, bias)
+
+
+def _f16(raw: torch.Tensor) -> torch.Tensor:
+    """float32 of little-endian float16 bytes [..., 2]."""
+    return raw.contiguous().view(torch.float16).float().squeeze(-1)
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """Bytes [..., n] -> [..., 2n]: the n low nibbles, then the n high ones."""
+    return torch.cat((qs & 0xF, qs >> 4), dim=-1).float()
+
+
+def _q4_k_scales(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 8 six-bit scales and mins [..., 8] of q4_k's 12 scale bytes [..., 12]."""
+    q = raw.long()
+    low = q[..., :4] & 63, q[..., 4:8] & 63
+    high_scale = (q[..., 8:] & 0xF) | ((q[..., :4] >> 6) << 4)
+    high_min = (q[..., 8:] >> 4) | ((q[..., 4:8] >> 6) << 4)
+    return torch.cat((low[0], high_scale), -1).float(), torch.cat((low[1], high_min), -1).float()
+
+
+def _dequantize_blocks(qtype: str, b: torch.Tensor) -> torch.Tensor:
+    """Weights [R, blocks, block] of blocks [R, blocks, block_bytes] (uint8)."""
+    if qtype == "q8_0":
+        return _f16(b[..., 0:2])[..., None] * b[..., 2:].view(torch.int8).float()
+    if qtype == "q4_0":
+        return _f16(b[..., 0:2])[..., None] * (_nibbles(b[..., 2:]) - 8)
+    if qtype == "q4_1":
+        return _f16(b[..., 0:2])[..., None] * _nibbles(b[..., 4:]) + _f16(b[..., 2:4])[..., None]
+    if qtype == "q4_k":
+        d, dmin = _f16(b[..., 0:2])[..., None], _f16(b[..., 2:4])[..., None]
+        scales, mins = _q4_k_scales(b[..., 4:16])
+        chunks = b[..., 16:].unflatten(-1, (4, 32))  # sub-blocks 2c, 2c + 1 share chunk c
+        q = torch.stack((chunks & 0xF, chunks >> 4), dim=-2).flatten(-3, -2).float()  # [.., 8, 32]
+        return (d * scales)[..., None] * q - (dmin * mins)[..., None]
+    if qtype == "q6_k":
+        ql = b[..., :128].unflatten(-1, (2, 2, 32))  # [half, ql[l] / ql[l + 32], l]
+        qh = b[..., 128:192].unflatten(-1, (2, 32))  # [half, l]
+        scales = b[..., 192:208].view(torch.int8).float()
+        d = _f16(b[..., 208:210])[..., None]
+        # Within a half, element 32r + l takes nibble r // 2 of ql[l + 32 (r % 2)] and bits
+        # 2r, 2r + 1 of qh[l].
+        low = torch.stack((ql[..., 0, :] & 0xF, ql[..., 1, :] & 0xF,
+                           ql[..., 0, :] >> 4, ql[..., 1, :] >> 4), dim=-2)
+        high = torch.stack([(qh >> (2 * r)) & 3 for r in range(4)], dim=-2)
+        q = (low.long() | (high.long() << 4)).flatten(-3) - 32  # [..., 256]
+        return d * scales.repeat_interleave(16, dim=-1) * q.float()
+    if qtype == "int8":
+        raise AssertionError("int8 rows carry a header; see dequantize")
+    raise ValueError(f"unknown quantized format {qtype!r}")
+
+
+def dequantize(data: torch.Tensor, qtype: str, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 weights [R, K] of quantized rows data [N, row_bytes] (uint8, `xllm.ops.quant`).
+
+    rows: [R] int64 row indices (an embedding lookup), or None for all N rows.
+    """
+    fmt = quant_format(qtype)
+    if rows is not None:
+        data = data[rows.long()]
+    k = fmt.columns(data.shape[1])
+    if qtype == "int8":
+        scale = data[:, :4].contiguous().view(torch.float32)
+        return data[:, 4:].view(torch.int8).float() * scale
+    blocks = data.view(data.shape[0], k // fmt.block, fmt.block_bytes)
+    return _dequantize_blocks(qtype, blocks).reshape(data.shape[0], k)
+
+
+def quant_linear(
+    x: torch.Tensor, data: torch.Tensor, qtype: str, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y = x @ W^T (+ bias) for W the quantized rows data [N, row_bytes]: x [..., K] float32."""
+    return torch.nn.functional.linear(x.float(), dequantize(data, qtype), bias)

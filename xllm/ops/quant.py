@@ -1,0 +1,91 @@
+"""Quantized weight formats: the byte layout of one row, and the weight that holds them.
+
+A quantized weight [N, K] is a uint8 tensor [N, row_bytes]: each row is K / block blocks of
+block_bytes bytes, laid out exactly as in GGUF files (ggml's block structs), after a
+row_header of bytes (int8's per-row scale). Rows are independent, so fused projections are
+rows stacked, and a permutation of rows is a permutation of weight rows.
+
+- q8_0: 32 weights; f16 d, int8 q[32]; w = d * q.
+- q4_0: 32 weights; f16 d, u8 qs[16] (weight j in the low nibble of qs[j], j + 16 in the
+  high one); w = d * (q - 8).
+- q4_1: as q4_0 with f16 d, f16 m first; w = d * q + m.
+- q4_k: 256 weights in 8 sub-blocks of 32; f16 d, f16 dmin, 12 bytes of 6-bit scales and
+  mins, u8 qs[128] (sub-blocks 2c and 2c + 1 in the low and high nibbles of qs[32c:32c+32]);
+  w = d * scale_j * q - dmin * min_j.
+- q6_k: 256 weights; u8 ql[128], u8 qh[64], int8 scales[16], f16 d; w = d * scales[i // 16] *
+  (q - 32) with q six bits (see `reference.dequantize`).
+- int8: xllm's weight-only int8: f32 scale, int8 q[K] (K a multiple of 32); w = scale * q.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    name: str
+    block: int  # weights per block
+    block_bytes: int
+    row_header: int = 0  # bytes before the first block of a row
+
+    def row_bytes(self, k: int) -> int:
+        if k % self.block:
+            raise ValueError(f"{self.name} needs K a multiple of {self.block}, got {k}")
+        return self.row_header + k // self.block * self.block_bytes
+
+    def columns(self, row_bytes: int) -> int:
+        """K of a row of row_bytes bytes."""
+        blocks, rest = divmod(row_bytes - self.row_header, self.block_bytes)
+        if rest or blocks < 0:
+            raise ValueError(f"{row_bytes} bytes are not whole {self.name} blocks")
+        return blocks * self.block
+
+
+FORMATS = {
+    f.name: f
+    for f in (
+        QuantFormat("q8_0", 32, 34),
+        QuantFormat("q4_0", 32, 18),
+        QuantFormat("q4_1", 32, 20),
+        QuantFormat("q4_k", 256, 144),
+        QuantFormat("q6_k", 256, 210),
+        QuantFormat("int8", 32, 32, row_header=4),
+    )
+}
+
+
+def quant_format(qtype: str) -> QuantFormat:
+    try:
+        return FORMATS[qtype]
+    except KeyError:
+        raise ValueError(f"unknown quantized format {qtype!r} (known: {', '.join(FORMATS)})") from None
+
+
+@dataclass
+class QuantizedTensor:
+    """A quantized weight [N, K]: data is uint8 [N, row_bytes] in `qtype`'s layout."""
+
+    qtype: str
+    data: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.data.shape[0], quant_format(self.qtype).columns(self.data.shape[1])
+
+    def rows(self, index: torch.Tensor | slice) -> "QuantizedTensor":
+        return QuantizedTensor(self.qtype, self.data[index].contiguous())
+
+
+def quantize_int8(weight: torch.Tensor) -> QuantizedTensor:
+    """Weight-only int8 with one scale per output row (symmetric, round to nearest)."""
+    n, k = weight.shape
+    fmt = FORMATS["int8"]
+    fmt.row_bytes(k)  # checks K
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127.0
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    data = torch.empty(n, fmt.row_header + k, dtype=torch.uint8, device=weight.device)
+    data[:, :4] = scale[:, None].view(torch.uint8)
+    data[:, 4:] = q.view(torch.uint8)
+    return QuantizedTensor("int8", data)
