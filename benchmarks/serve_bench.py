@@ -233,6 +233,7 @@ def print_result(result: dict) -> None:
 
 
 async def run_benchmark(args: argparse.Namespace) -> dict:
+    """One concurrency level against one server: warm-up, measured requests, summary."""
     base_url = args.base_url.rstrip("/")
     if base_url.endswith("/v1"):
         base_url = base_url[: -len("/v1")]
@@ -292,6 +293,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.concurrency < 1 or args.num_prompts < 1 or args.output_len < 1:
         parser.error("--concurrency, --num-prompts and --output-len must be at least 1")
     return args
+
+
+def bench_args(**settings) -> argparse.Namespace:
+    """This CLI's defaults with `settings` (same names as parse_args' fields) put over them."""
+    args = parse_args([])
+    for key, value in settings.items():
+        if not hasattr(args, key):
+            raise TypeError(f"unknown serve_bench setting: {key}")
+        setattr(args, key, value)
+    return args
+
+
+async def run_level(base_url: str, concurrency: int, **settings) -> dict:
+    """Run one concurrency level against `base_url`; its summary (as `summarize` returns it).
+
+    `settings` overrides this CLI's other defaults: model, endpoint, num_prompts, input_len,
+    output_len, temperature, seed, warmup, timeout.
+    """
+    return await run_benchmark(bench_args(base_url=base_url, concurrency=concurrency, **settings))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,27 +19,33 @@ struct Variant {
   decltype(&generic::paged_attention) paged_attention;
   decltype(&generic::topk_logprobs) topk_logprobs;
   decltype(&generic::linear) linear;
+  decltype(&generic::quant_linear) quant_linear;
+  decltype(&generic::dequantize) dequantize;
 };
 
 // Slowest first; the features checked are those the pragmas of simd.h switch on.
 const Variant kVariants[] = {
     {"generic", [] { return true; }, generic::paged_attention, generic::topk_logprobs,
-     generic::linear},
+     generic::linear,
+     generic::quant_linear, generic::dequantize},
 #if defined(__x86_64__)
     {"avx2",
      [] {
        __builtin_cpu_init();
-       return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+       return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+              __builtin_cpu_supports("f16c");
      },
-     avx2::paged_attention, avx2::topk_logprobs, avx2::linear},
+     avx2::paged_attention, avx2::topk_logprobs, avx2::linear,
+     avx2::quant_linear, avx2::dequantize},
     {"avx512",
      [] {
        __builtin_cpu_init();
        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-              __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+              __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
               __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
      },
-     avx512::paged_attention, avx512::topk_logprobs, avx512::linear},
+     avx512::paged_attention, avx512::topk_logprobs, avx512::linear,
+     avx512::quant_linear, avx512::dequantize},
 #endif
 };
 
@@ -90,6 +96,50 @@ void topk_logprobs(const float* logits, int64_t ld, int64_t rows, int64_t vocab,
 void linear(const float* x, const float* weight, const float* bias, float* y, int64_t M,
             int64_t N, int64_t K) {
   running().linear(x, weight, bias, y, M, N, K);
+}
+
+int quant_format(const std::string& name) {
+  for (int i = 0; i < static_cast<int>(std::size(kQuantFormats)); ++i)
+    if (name == kQuantFormats[i].name) return i;
+  throw std::invalid_argument("unknown quantized format '" + name + "'");
+}
+
+namespace {
+
+// Checks that N rows of row_bytes hold K weights of the format.
+void check_rows(int format, int64_t row_bytes, int64_t N, int64_t K) {
+  if (format < 0 || format >= static_cast<int>(std::size(kQuantFormats)))
+    throw std::invalid_argument("unknown quantized format");
+  const QuantFormat& f = kQuantFormats[format];
+  if (N < 0 || K < 0 || K % f.block != 0 || row_bytes != f.row_header + K / f.block * f.block_bytes)
+    throw std::invalid_argument(std::string("quantized rows of ") + std::to_string(row_bytes) +
+                                " bytes do not hold K = " + std::to_string(K) + " " + f.name +
+                                " weights");
+}
+
+}  // namespace
+
+void quant_linear(const float* x, const uint8_t* weight, int format, int64_t row_bytes,
+                  const float* bias, float* y, int64_t M, int64_t N, int64_t K) {
+  check_rows(format, row_bytes, N, K);
+  if (M < 0) throw std::invalid_argument("quant_linear: negative size");
+  if (K == 0) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) y[m * N + n] = bias != nullptr ? bias[n] : 0.0f;
+    return;
+  }
+  running().quant_linear(x, weight, format, row_bytes, bias, y, M, N, K);
+}
+
+void dequantize(const uint8_t* weight, int format, int64_t row_bytes, const int64_t* rows,
+                int64_t R, int64_t N, float* out, int64_t K) {
+  check_rows(format, row_bytes, N, K);
+  if (rows != nullptr)
+    for (int64_t i = 0; i < R; ++i)
+      if (rows[i] < 0 || rows[i] >= N)
+        throw std::invalid_argument("row " + std::to_string(rows[i]) + " is outside 0.." +
+                                    std::to_string(N - 1));
+  running().dequantize(weight, format, row_bytes, rows, R, N, out, K);
 }
 
 }  // namespace xllm

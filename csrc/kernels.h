@@ -35,7 +35,13 @@ struct AttentionArgs {
                      const int64_t* token_ids, float* values, int64_t* indices, float* chosen); \
   /* y [M, N] = x [M, K] @ weight [N, K]^T (+ bias [N] when not null), all contiguous. */     \
   void linear(const float* x, const float* weight, const float* bias, float* y, int64_t M,     \
-              int64_t N, int64_t K);
+              int64_t N, int64_t K);                                                           \
+  /* y [M, N] = x [M, K] @ W^T (+ bias) for W's N quantized rows of row_bytes at weight. */   \
+  void quant_linear(const float* x, const uint8_t* weight, int format, int64_t row_bytes,      \
+                    const float* bias, float* y, int64_t M, int64_t N, int64_t K);             \
+  /* out [R, K]: rows[i] (i when rows is null) of W's N rows, dequantized. */                  \
+  void dequantize(const uint8_t* weight, int format, int64_t row_bytes, const int64_t* rows,   \
+                  int64_t R, int64_t N, float* out, int64_t K);
 
 XLLM_SIMD_KERNELS
 namespace generic {
@@ -50,6 +56,18 @@ XLLM_SIMD_KERNELS
 }  // namespace avx512
 #endif
 #undef XLLM_SIMD_KERNELS
+
+// The quantized formats of xllm/ops/quant.py, indexed by the `format` of the kernels above.
+struct QuantFormat {
+  const char* name;
+  int64_t block, block_bytes, row_header;
+};
+inline constexpr QuantFormat kQuantFormats[] = {
+    {"q8_0", 32, 34, 0},    {"q4_0", 32, 18, 0},   {"q4_1", 32, 20, 0},
+    {"q4_k", 256, 144, 0},  {"q6_k", 256, 210, 0}, {"int8", 32, 32, 4},
+};
+// The index of a format's name; std::invalid_argument for an unknown one.
+int quant_format(const std::string& name);
 
 // The variants this CPU can run, slowest first ("generic" always).
 std::vector<std::string> supported_isas();

@@ -92,6 +92,26 @@ PYBIND11_MODULE(_C, m) {
       },
       py::call_guard<py::gil_scoped_release>(),
       "y = x @ weight^T (+ bias; pass 0 for none); see xllm.ops.reference.");
+  m.def(
+      "quant_linear",
+      [](uintptr_t x, uintptr_t weight, const std::string& format, int64_t row_bytes,
+         uintptr_t bias, uintptr_t y, int64_t M, int64_t N, int64_t K) {
+        const int f = xllm::quant_format(format);
+        py::gil_scoped_release release;
+        xllm::quant_linear(ptr<const float>(x), ptr<const uint8_t>(weight), f, row_bytes,
+                           ptr<const float>(bias), ptr<float>(y), M, N, K);
+      },
+      "y = x @ W^T (+ bias; 0 for none) for W's quantized rows; see xllm.ops.reference.");
+  m.def(
+      "dequantize",
+      [](uintptr_t weight, const std::string& format, int64_t row_bytes, uintptr_t rows, int64_t R,
+         int64_t N, uintptr_t out, int64_t K) {
+        const int f = xllm::quant_format(format);
+        py::gil_scoped_release release;
+        xllm::dequantize(ptr<const uint8_t>(weight), f, row_bytes, ptr<const int64_t>(rows), R, N,
+                         ptr<float>(out), K);
+      },
+      "out [R, K] = rows (0: all N) of W dequantized; see xllm.ops.reference.");
   m.def("supported_isas", &xllm::supported_isas,
         "Instruction-set variants of the SIMD kernels this CPU runs, slowest first.");
   m.def("set_isa", &xllm::set_isa, "Run the named variant from now on (ValueError if unsupported).");

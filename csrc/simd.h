@@ -16,16 +16,16 @@
 #include <cstdint>
 #include <limits>
 
-#if defined(XLLM_ISA_AVX512)
+#if defined(XLLM_ISA_AVX512) || defined(XLLM_ISA_AVX2)
 #include <immintrin.h>
 #endif
 
 // The feature lists match the run-time checks in isa.cpp.
 #if defined(XLLM_ISA_AVX512)
-#pragma GCC target("avx2,fma,avx512f,avx512bw,avx512dq,avx512vl")
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")
 #define XLLM_ISA avx512
 #elif defined(XLLM_ISA_AVX2)
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 #define XLLM_ISA avx2
 #else
 #define XLLM_ISA generic

@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dtype", default=defaults.dtype, choices=["auto", "float32", "bfloat16", "float16"],
         help="dtype of weights and activations; auto: bfloat16 on CUDA, float32 on the CPU "
         "(the only one the CPU serves)")
+    add("--quantization", default=defaults.quantization, choices=["auto", "int8", "none"],
+        help="auto: a GGUF file's quantized weights are served in their own format (Q8_0, "
+        "Q4_0, Q4_1, Q4_K, Q6_K), a Hugging Face folder in --dtype; int8: linear weights "
+        "quantized to int8 per output row at load time; none: every weight in --dtype")
     add("--seed", type=int, default=defaults.seed,
         help="seed of the engine's random generator (requests may set their own `seed`)")
     add("--num-threads", type=_positive_int, default=defaults.num_threads,
@@ -169,6 +173,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         num_blocks=args.num_blocks,
         kv_cache_memory=args.kv_cache_memory,
         dtype=args.dtype,
+        quantization=args.quantization,
         device=args.device,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager,

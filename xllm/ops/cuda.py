@@ -12,10 +12,12 @@ import math
 import torch
 import triton
 
+from xllm.ops.quant import quant_format
 from xllm_triton.attention import LOG2E, paged_attention_kernel, reduce_splits_kernel
 from xllm_triton.beam import beam_prune_kernel
 from xllm_triton.cache import copy_blocks_kernel, write_kv_kernel
 from xllm_triton.logprobs import chunk_stats_kernel, chunk_topk_kernel, merge_topk_kernel
+from xllm_triton.quant import SUB, dequantize_kernel, quant_linear_kernel
 
 # Linear layers on CUDA are cuBLAS's job (tuned GEMMs and tensor cores); a Triton GEMM here
 # would only add compile time. Same signature as `xllm.ops.reference.linear`.
@@ -26,6 +28,7 @@ VOCAB_CHUNK = 4096
 MIN_SPLIT_TOKENS = 512
 MAX_SPLITS = 64
 COPY_CHUNK = 2048  # elements a copy_blocks program moves per step (a power of two)
+QUANT_SUB = SUB.value  # weights a quantized kernel unpacks per step
 
 
 def _next_pow2(n: int) -> int:
@@ -277,3 +280,80 @@ def beam_prune(
             N_PAD=n_pad, TILE_J=tile_j,
         )  # fmt: skip
     return parents, tokens, scores
+
+
+def _check_quantized(data: torch.Tensor, qtype: str) -> int:
+    """K of quantized rows data [N, row_bytes]; raises on a bad format, dtype or shape."""
+    fmt = quant_format(qtype)
+    if data.dtype != torch.uint8:
+        raise TypeError(f"quantized data must be uint8, got {data.dtype}")
+    if data.dim() != 2:
+        raise ValueError(f"quantized data must be [N, row_bytes], got {list(data.shape)}")
+    return fmt.columns(data.shape[1])  # a multiple of 32 in every format
+
+
+def quant_linear(
+    x: torch.Tensor, data: torch.Tensor, qtype: str, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """See `xllm.ops.reference.quant_linear`; returns x's dtype (accumulates in float32).
+
+    The weights are unpacked in the kernel, 32 at a time; no dequantized copy of them is made.
+    """
+    k = _check_quantized(data, qtype)
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] != k:
+        raise ValueError(f"x must be [..., {k}] for these {qtype} rows, got {list(x.shape)}")
+    n = data.shape[0]
+    if bias is not None:
+        if bias.shape != (n,):
+            raise ValueError(f"bias must be [{n}], got {list(bias.shape)}")
+        if not bias.is_floating_point():
+            raise TypeError(f"bias must be a float tensor, got {bias.dtype}")
+    for name, t in (("data", data), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, x on {x.device}")
+    m = math.prod(x.shape[:-1])
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out.reshape(*x.shape[:-1], n)
+    x2 = _last_dim_contiguous(x.reshape(m, k))
+    data = _last_dim_contiguous(data)
+    bias = bias.contiguous() if bias is not None else None
+    use_dot = m >= 16  # tl.dot needs tiles of 16 rows; decode batches broadcast and sum
+    wide = use_dot and x.dtype != torch.float32  # float32 (ieee) tiles of 64 x 64 spill
+    block_m = min(64 if wide else 32, _next_pow2(m)) if use_dot else _next_pow2(m)
+    block_n = 64 if wide else 32
+    with _launch_context(x):
+        quant_linear_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
+            x2, data, bias if bias is not None else out, out,
+            m, n, k // QUANT_SUB, x2.stride(0), data.stride(0), out.stride(0),
+            QTYPE=qtype, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+            USE_DOT=use_dot, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        )  # fmt: skip
+    return out.reshape(*x.shape[:-1], n)
+
+
+def dequantize(data: torch.Tensor, qtype: str, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """See `xllm.ops.reference.dequantize`; rows must lie in [0, N) (not checked, no sync)."""
+    k = _check_quantized(data, qtype)
+    if rows is not None:
+        if rows.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"rows must be int32 or int64, got {rows.dtype}")
+        if rows.dim() != 1:
+            raise ValueError(f"rows must be [R], got {list(rows.shape)}")
+        if rows.device != data.device:
+            raise ValueError(f"rows is on {rows.device}, data on {data.device}")
+        rows = rows.contiguous()
+    num_rows = data.shape[0] if rows is None else rows.shape[0]
+    out = torch.empty(num_rows, k, dtype=torch.float32, device=data.device)
+    if num_rows == 0 or k == 0:
+        return out
+    data = _last_dim_contiguous(data)
+    block_r = min(16, _next_pow2(num_rows))
+    with _launch_context(data):
+        dequantize_kernel[(triton.cdiv(num_rows, block_r), k // QUANT_SUB)](
+            data, rows if rows is not None else data, out, num_rows, data.stride(0), out.stride(0),
+            QTYPE=qtype, HAS_ROWS=rows is not None, BLOCK_R=block_r,
+        )  # fmt: skip
+    return out

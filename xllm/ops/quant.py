@@ -59,7 +59,8 @@ def quant_format(qtype: str) -> QuantFormat:
     try:
         return FORMATS[qtype]
     except KeyError:
-        raise ValueError(f"unknown quantized format {qtype!r} (known: {', '.join(FORMATS)})") from None
+        known = ", ".join(FORMATS)
+        raise ValueError(f"unknown quantized format {qtype!r} (known: {known})") from None
 
 
 @dataclass

@@ -1,0 +1,292 @@
+// Linear layers over quantized weights (the formats of xllm/ops/quant.py, GGUF's blocks).
+//
+// y[M, N] = x[M, K] W[N, K]^T (+ bias) with W's rows kept quantized in memory. Each thread
+// owns a range of W's rows (dynamic chunks of tiles, as in linear.cpp). A tile of kNR rows
+// is unpacked, 32 weights (one unit) at a time, into float vectors in registers, scaled as
+// the format says, and multiplied with float32 activations: the result is the dequantized
+// model's product up to float rounding. With at most kMR rows of x the unpacked vectors
+// meet x straight away; with more, the tile is unpacked once into a per-thread float
+// buffer (L1/L2-sized) and every block of x rows runs over that buffer.
+//
+// The vectors here are as wide as the variant's registers (16 floats with AVX-512, 8
+// otherwise), unlike simd.h's fixed 16, so that the AVX2 build keeps them in registers.
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+#include "simd.h"
+
+namespace xllm::XLLM_ISA {
+namespace {
+
+#if defined(XLLM_ISA_AVX512)
+constexpr int kW = 16;
+#else
+constexpr int kW = 8;
+#endif
+constexpr int kUnit = 32;           // weights unpacked at a time
+constexpr int kV = kUnit / kW;      // vectors per unit
+constexpr int kNR = 4;              // W rows per tile
+constexpr int kMR = kW == 16 ? 4 : 2;  // x rows per register block
+constexpr int64_t kParallelMinWork = 1 << 16;
+constexpr int64_t kChunksPerThread = 8;
+
+typedef float VF __attribute__((vector_size(kW * 4)));
+typedef float VFU __attribute__((vector_size(kW * 4), aligned(4)));
+typedef int32_t VI __attribute__((vector_size(kW * 4)));
+typedef uint8_t VB __attribute__((vector_size(kW)));
+
+inline VF loadf(const float* p) { return *reinterpret_cast<const VFU*>(p); }
+inline void storef(float* p, VF v) { *reinterpret_cast<VFU*>(p) = v; }
+inline VB loadb(const uint8_t* p) {
+  VB v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline VF to_float(VB v) { return __builtin_convertvector(__builtin_convertvector(v, VI), VF); }
+// kW int8 at p as floats. (GCC turns a signed byte-vector conversion into scalar code;
+// flipping the sign bit makes it the unsigned one, q + 128.)
+inline VF int8_float(const uint8_t* p) { return to_float(loadb(p) ^ 0x80) - 128.0f; }
+
+// IEEE half (little-endian bytes) to float.
+inline float f16(const uint8_t* p) {
+  const uint16_t h = p[0] | (uint16_t(p[1]) << 8);
+#if defined(XLLM_ISA_AVX512) || defined(XLLM_ISA_AVX2)
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+  uint32_t bits;
+  if (exp == 0) {
+    const float v = static_cast<float>(man) * (1.0f / 16777216.0f);  // subnormal: man * 2^-24
+    return sign ? -v : v;
+  }
+  bits = exp == 31 ? sign | 0x7F800000u | (man << 13) : sign | ((exp + 112) << 23) | (man << 13);
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+#endif
+}
+
+inline float f32(const uint8_t* p) {
+  float f;
+  std::memcpy(&f, p, 4);
+  return f;
+}
+
+enum Format : int { kQ8_0, kQ4_0, kQ4_1, kQ4_K, kQ6_K, kInt8 };
+
+// Unit u (weights 32u .. 32u + 31) of a row, dequantized into w[kV].
+template <int F>
+inline void unpack(const uint8_t* row, int64_t u, VF* w) {
+  if constexpr (F == kQ8_0) {
+    const uint8_t* b = row + u * 34;
+    const float d = f16(b);
+    for (int v = 0; v < kV; ++v) w[v] = int8_float(b + 2 + v * kW) * d;
+  } else if constexpr (F == kQ4_0 || F == kQ4_1) {
+    const uint8_t* b = row + u * (F == kQ4_0 ? 18 : 20);
+    const float d = f16(b);
+    const float m = F == kQ4_0 ? -8.0f * d : f16(b + 2);
+    const uint8_t* qs = b + (F == kQ4_0 ? 2 : 4);
+    for (int v = 0; v < kV; ++v) {
+      const int e = v * kW;  // weights e .. e + kW: low nibbles of qs[e..], then high of qs[e - 16..]
+      const VB q = e < 16 ? loadb(qs + e) & 0xF : loadb(qs + e - 16) >> 4;
+      w[v] = to_float(q) * d + m;
+    }
+  } else if constexpr (F == kQ4_K) {
+    const uint8_t* b = row + (u >> 3) * 144;
+    const int j = static_cast<int>(u & 7);
+    const uint8_t* s = b + 4;
+    int sc, mn;
+    if (j < 4) {
+      sc = s[j] & 63;
+      mn = s[j + 4] & 63;
+    } else {
+      sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+      mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+    const float a = f16(b) * sc, c = -f16(b + 2) * mn;
+    const uint8_t* qs = b + 16 + (j >> 1) * 32;
+    for (int v = 0; v < kV; ++v) {
+      const VB raw = loadb(qs + v * kW);
+      const VB q = (j & 1) ? raw >> 4 : raw & 0xF;
+      w[v] = to_float(q) * a + c;
+    }
+  } else if constexpr (F == kQ6_K) {
+    const uint8_t* b = row + (u >> 3) * 210;
+    const int j = static_cast<int>(u & 7), h = j >> 2, r = j & 3;
+    const uint8_t* ql = b + 64 * h + 32 * (r & 1);
+    const uint8_t* qh = b + 128 + 32 * h;
+    const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
+    const float d = f16(b + 208);
+    for (int v = 0; v < kV; ++v) {
+      const VB low = (r >> 1) ? loadb(ql + v * kW) >> 4 : loadb(ql + v * kW) & 0xF;
+      const VB high = (loadb(qh + v * kW) >> (2 * r)) & 3;
+      const VI q = __builtin_convertvector(low | (high << 4), VI) - 32;
+      w[v] = __builtin_convertvector(q, VF) * (d * scales[2 * j + (v * kW) / 16]);
+    }
+  } else {
+    static_assert(F == kInt8, "one branch per format");
+    const float scale = f32(row);
+    for (int v = 0; v < kV; ++v) w[v] = int8_float(row + 4 + u * 32 + v * kW) * scale;
+  }
+}
+
+inline float hsum(VF v) {
+  float s = 0.0f;
+  for (int i = 0; i < kW; ++i) s += v[i];
+  return s;
+}
+
+// y[m, r] for NR W rows whose units come from `get(r, u, w)` and MR x rows at x (stride K).
+template <int NR, int MR, typename Get>
+inline void tile(const Get& get, const float* x, int64_t K, const float* bias, float* y,
+                 int64_t N) {
+  VF acc[NR][MR];
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) acc[r][m] = VF{};
+  const int64_t units = K / kUnit;
+  for (int64_t u = 0; u < units; ++u) {
+    VF w[NR][kV];
+    for (int r = 0; r < NR; ++r) get(r, u, w[r]);
+    for (int m = 0; m < MR; ++m) {
+      for (int v = 0; v < kV; ++v) {
+        const VF xv = loadf(x + m * K + u * kUnit + v * kW);
+        for (int r = 0; r < NR; ++r) acc[r][m] += w[r][v] * xv;
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    const float b = bias != nullptr ? bias[r] : 0.0f;
+    for (int m = 0; m < MR; ++m) y[m * N + r] = hsum(acc[r][m]) + b;
+  }
+}
+
+template <int NR, typename Get>
+void tile_rows(int mr, const Get& get, const float* x, int64_t K, const float* bias, float* y,
+               int64_t N) {
+  switch (mr) {
+    case 1: tile<NR, 1>(get, x, K, bias, y, N); break;
+#if defined(XLLM_ISA_AVX512)
+    case 2: tile<NR, 2>(get, x, K, bias, y, N); break;
+    case 3: tile<NR, 3>(get, x, K, bias, y, N); break;
+    default: tile<NR, 4>(get, x, K, bias, y, N); break;
+#else
+    default: tile<NR, 2>(get, x, K, bias, y, N); break;
+#endif
+  }
+}
+
+// Rows [n0, n1) of W against all M rows of x.
+template <int F>
+void rows_range(const float* x, const uint8_t* w, int64_t row_bytes, const float* bias, float* y,
+                int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+  const int64_t blocks = (M + kMR - 1) / kMR;
+  thread_local std::vector<float> buffer;
+  if (blocks > 1) buffer.resize(static_cast<size_t>(kNR * K));
+  float* buf = buffer.data();
+  for (int64_t n = n0; n < n1;) {
+    const int nr = n + kNR <= n1 ? kNR : 1;
+    const uint8_t* wt = w + n * row_bytes;
+    const float* bt = bias != nullptr ? bias + n : nullptr;
+    auto direct = [wt, row_bytes](int r, int64_t u, VF* out) { unpack<F>(wt + r * row_bytes, u, out); };
+    auto buffered = [buf, K](int r, int64_t u, VF* out) {
+      for (int v = 0; v < kV; ++v) out[v] = loadf(buf + r * K + u * kUnit + v * kW);
+    };
+    if (blocks > 1) {
+      for (int r = 0; r < nr; ++r)
+        for (int64_t u = 0; u < K / kUnit; ++u) {
+          VF out[kV];
+          unpack<F>(wt + r * row_bytes, u, out);
+          for (int v = 0; v < kV; ++v) storef(buf + r * K + u * kUnit + v * kW, out[v]);
+        }
+    }
+    for (int64_t b = 0, m = 0; b < blocks; ++b) {
+      const int mr = static_cast<int>((M - m) / (blocks - b));
+      if (nr == kNR) {
+        if (blocks > 1) tile_rows<kNR>(mr, buffered, x + m * K, K, bt, y + m * N + n, N);
+        else tile_rows<kNR>(mr, direct, x + m * K, K, bt, y + m * N + n, N);
+      } else {
+        if (blocks > 1) tile_rows<1>(mr, buffered, x + m * K, K, bt, y + m * N + n, N);
+        else tile_rows<1>(mr, direct, x + m * K, K, bt, y + m * N + n, N);
+      }
+      m += mr;
+    }
+    n += nr;
+  }
+}
+
+template <int F>
+void linear_format(const float* x, const uint8_t* w, int64_t row_bytes, const float* bias,
+                   float* y, int64_t M, int64_t N, int64_t K) {
+  const int64_t tiles = N / kNR;
+  const bool parallel = omp_get_max_threads() > 1 && tiles > 1 && M * N * K >= kParallelMinWork;
+  const int64_t threads = parallel ? omp_get_max_threads() : 1;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(tiles, threads * kChunksPerThread));
+#pragma omp parallel for schedule(dynamic, 1) if (parallel)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t n0 = tiles * c / chunks * kNR;
+    const int64_t n1 = c == chunks - 1 ? N : tiles * (c + 1) / chunks * kNR;
+    rows_range<F>(x, w, row_bytes, bias, y, M, N, K, n0, n1);
+  }
+}
+
+template <int F>
+void dequantize_format(const uint8_t* w, int64_t row_bytes, const int64_t* rows, int64_t R,
+                       float* out, int64_t K) {
+  const bool parallel = omp_get_max_threads() > 1 && R * K >= kParallelMinWork;
+#pragma omp parallel for schedule(static) if (parallel)
+  for (int64_t i = 0; i < R; ++i) {
+    const uint8_t* row = w + (rows != nullptr ? rows[i] : i) * row_bytes;
+    for (int64_t u = 0; u < K / kUnit; ++u) {
+      VF v[kV];
+      unpack<F>(row, u, v);
+      for (int j = 0; j < kV; ++j) storef(out + i * K + u * kUnit + j * kW, v[j]);
+    }
+  }
+}
+
+template <template <int> class Call, typename... Args>
+void dispatch(int format, Args... args) {
+  switch (format) {
+    case kQ8_0: Call<kQ8_0>::run(args...); break;
+    case kQ4_0: Call<kQ4_0>::run(args...); break;
+    case kQ4_1: Call<kQ4_1>::run(args...); break;
+    case kQ4_K: Call<kQ4_K>::run(args...); break;
+    case kQ6_K: Call<kQ6_K>::run(args...); break;
+    case kInt8: Call<kInt8>::run(args...); break;
+    default: throw std::invalid_argument("unknown quantized format");
+  }
+}
+
+template <int F>
+struct Linear {
+  template <typename... Args>
+  static void run(Args... args) { linear_format<F>(args...); }
+};
+
+template <int F>
+struct Dequantize {
+  template <typename... Args>
+  static void run(Args... args) { dequantize_format<F>(args...); }
+};
+
+}  // namespace
+
+void quant_linear(const float* x, const uint8_t* weight, int format, int64_t row_bytes,
+                  const float* bias, float* y, int64_t M, int64_t N, int64_t K) {
+  if (M == 0 || N == 0) return;
+  dispatch<Linear>(format, x, weight, row_bytes, bias, y, M, N, K);
+}
+
+void dequantize(const uint8_t* weight, int format, int64_t row_bytes, const int64_t* rows,
+                int64_t R, int64_t /*N*/, float* out, int64_t K) {
+  if (R == 0 || K == 0) return;
+  dispatch<Dequantize>(format, weight, row_bytes, rows, R, out, K);
+}
+
+}  // namespace xllm::XLLM_ISA
