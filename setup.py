@@ -12,7 +12,9 @@ import platform
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
 
-SIMD_SOURCES = ["csrc/attention.cpp", "csrc/linear.cpp", "csrc/quant.cpp", "csrc/topk.cpp"]
+SIMD_SOURCES = [
+    "csrc/attention.cpp", "csrc/fused.cpp", "csrc/linear.cpp", "csrc/quant.cpp", "csrc/topk.cpp"
+]
 # -Wno-psabi: the 64-byte vectors of simd.h never leave a variant's namespace, so GCC's notes
 # on how their ABI differs between instruction sets do not apply. -falign-loops=64: hot loops
 # start on a cache line, else their speed depends on where they land (M = 1 linear: +-10%).

@@ -21,13 +21,17 @@ struct Variant {
   decltype(&generic::linear) linear;
   decltype(&generic::quant_linear) quant_linear;
   decltype(&generic::dequantize) dequantize;
+  decltype(&generic::rms_norm) rms_norm;
+  decltype(&generic::silu_mul) silu_mul;
+  decltype(&generic::rotary_write_kv) rotary_write_kv;
 };
 
 // Slowest first; the features checked are those the pragmas of simd.h switch on.
 const Variant kVariants[] = {
     {"generic", [] { return true; }, generic::paged_attention, generic::topk_logprobs,
      generic::linear,
-     generic::quant_linear, generic::dequantize},
+     generic::quant_linear, generic::dequantize,
+     generic::rms_norm, generic::silu_mul, generic::rotary_write_kv},
 #if defined(__x86_64__)
     {"avx2",
      [] {
@@ -36,7 +40,8 @@ const Variant kVariants[] = {
               __builtin_cpu_supports("f16c");
      },
      avx2::paged_attention, avx2::topk_logprobs, avx2::linear,
-     avx2::quant_linear, avx2::dequantize},
+     avx2::quant_linear, avx2::dequantize,
+     avx2::rms_norm, avx2::silu_mul, avx2::rotary_write_kv},
     {"avx512",
      [] {
        __builtin_cpu_init();
@@ -45,7 +50,8 @@ const Variant kVariants[] = {
               __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
      },
      avx512::paged_attention, avx512::topk_logprobs, avx512::linear,
-     avx512::quant_linear, avx512::dequantize},
+     avx512::quant_linear, avx512::dequantize,
+     avx512::rms_norm, avx512::silu_mul, avx512::rotary_write_kv},
 #endif
 };
 
@@ -96,6 +102,22 @@ void topk_logprobs(const float* logits, int64_t ld, int64_t rows, int64_t vocab,
 void linear(const float* x, const float* weight, const float* bias, float* y, int64_t M,
             int64_t N, int64_t K) {
   running().linear(x, weight, bias, y, M, N, K);
+}
+
+void rms_norm(const float* x, int64_t x_stride, float* residual, int64_t residual_stride,
+              const float* weight, float* out, int64_t T, int64_t H, float eps) {
+  running().rms_norm(x, x_stride, residual, residual_stride, weight, out, T, H, eps);
+}
+
+void silu_mul(const float* x, int64_t x_stride, float* out, int64_t T, int64_t I) {
+  running().silu_mul(x, x_stride, out, T, I);
+}
+
+void rotary_write_kv(float* qkv, int64_t stride, const float* cos, const float* sin, int64_t T,
+                     int64_t H, int64_t Hkv, int64_t D, float* k_cache, float* v_cache,
+                     const void* slots, bool slots_int64, int64_t num_slots) {
+  running().rotary_write_kv(qkv, stride, cos, sin, T, H, Hkv, D, k_cache, v_cache, slots,
+                            slots_int64, num_slots);
 }
 
 int quant_format(const std::string& name) {

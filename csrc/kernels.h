@@ -41,7 +41,16 @@ struct AttentionArgs {
                     const float* bias, float* y, int64_t M, int64_t N, int64_t K);             \
   /* out [R, K]: rows[i] (i when rows is null) of W's N rows, dequantized. */                  \
   void dequantize(const uint8_t* weight, int format, int64_t row_bytes, const int64_t* rows,   \
-                  int64_t R, int64_t N, float* out, int64_t K);
+                  int64_t R, int64_t N, float* out, int64_t K);                                                  \
+  /* out [T, H] = RMSNorm(x) * weight; with residual (not null): residual += x, then of it. */ \
+  void rms_norm(const float* x, int64_t x_stride, float* residual, int64_t residual_stride,    \
+                const float* weight, float* out, int64_t T, int64_t H, float eps);             \
+  /* out [T, I] = silu(x[:, :I]) * x[:, I:]. */                                                \
+  void silu_mul(const float* x, int64_t x_stride, float* out, int64_t T, int64_t I);           \
+  /* Rotary (rotate-half) of q and k in qkv [T, (H + 2 Hkv) D] in place, k and v to the cache. */ \
+  void rotary_write_kv(float* qkv, int64_t stride, const float* cos, const float* sin,         \
+                       int64_t T, int64_t H, int64_t Hkv, int64_t D, float* k_cache,           \
+                       float* v_cache, const void* slots, bool slots_int64, int64_t num_slots);
 
 XLLM_SIMD_KERNELS
 namespace generic {

@@ -63,16 +63,6 @@ inline VecF load_head(const float* p, int n) {
 
 inline const char* bytes(const float* p) { return reinterpret_cast<const char*>(p); }
 
-// Fetches the cache lines [next, end) into L2, per_step of them per step().
-struct Prefetch {
-  const char* next;
-  const char* end;
-  int per_step;
-  void step() {
-    for (int i = 0; i < per_step && next < end; ++i, next += 64) __builtin_prefetch(next, 0, 2);
-  }
-};
-
 // y[m, r] (row stride N) for the NR W rows at w and the MR x rows at x, over all of K;
 // one pf.step() per 16-float step.
 template <int NR, int MR>

@@ -112,6 +112,33 @@ PYBIND11_MODULE(_C, m) {
                          ptr<float>(out), K);
       },
       "out [R, K] = rows (0: all N) of W dequantized; see xllm.ops.reference.");
+  m.def(
+      "rms_norm",
+      [](uintptr_t x, int64_t x_stride, uintptr_t residual, int64_t residual_stride,
+         uintptr_t weight, uintptr_t out, int64_t T, int64_t H, float eps) {
+        xllm::rms_norm(ptr<const float>(x), x_stride, ptr<float>(residual), residual_stride,
+                       ptr<const float>(weight), ptr<float>(out), T, H, eps);
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "RMSNorm, after residual += x when residual is not 0; see xllm.ops.reference.");
+  m.def(
+      "silu_mul",
+      [](uintptr_t x, int64_t x_stride, uintptr_t out, int64_t T, int64_t I) {
+        xllm::silu_mul(ptr<const float>(x), x_stride, ptr<float>(out), T, I);
+      },
+      py::call_guard<py::gil_scoped_release>(), "silu(gate) * up; see xllm.ops.reference.");
+  m.def(
+      "rotary_write_kv",
+      [](uintptr_t qkv, int64_t stride, uintptr_t cos, uintptr_t sin, int64_t T, int64_t H,
+         int64_t Hkv, int64_t D, uintptr_t k_cache, uintptr_t v_cache, uintptr_t slots,
+         bool slots_int64, int64_t num_slots) {
+        xllm::rotary_write_kv(ptr<float>(qkv), stride, ptr<const float>(cos),
+                              ptr<const float>(sin), T, H, Hkv, D, ptr<float>(k_cache),
+                              ptr<float>(v_cache), ptr<const void>(slots), slots_int64,
+                              num_slots);
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "Rotary of q and k in place, then k and v into the cache; see xllm.ops.reference.");
   m.def("supported_isas", &xllm::supported_isas,
         "Instruction-set variants of the SIMD kernels this CPU runs, slowest first.");
   m.def("set_isa", &xllm::set_isa, "Run the named variant from now on (ValueError if unsupported).");

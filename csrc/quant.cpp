@@ -35,6 +35,7 @@ constexpr int kNR = 4;              // W rows per tile
 constexpr int kMR = kW == 16 ? 4 : 2;  // x rows per register block
 constexpr int64_t kParallelMinWork = 1 << 16;
 constexpr int64_t kChunksPerThread = 8;
+constexpr int64_t kPrefetchTiles = 2;  // prefetch distance, in tiles
 
 typedef float VF __attribute__((vector_size(kW * 4)));
 typedef float VFU __attribute__((vector_size(kW * 4), aligned(4)));
@@ -80,6 +81,26 @@ inline float f32(const uint8_t* p) {
 
 enum Format : int { kQ8_0, kQ4_0, kQ4_1, kQ4_K, kQ6_K, kInt8 };
 
+// 32 four-bit weights a * q + c of qs[16] (q of weight j in the low nibble of qs[j], of
+// j + 16 in the high one) into w[kV].
+inline void unpack_nibbles(const uint8_t* qs, float a, float c, VF* w) {
+#if defined(XLLM_ISA_AVX512)
+  // The 16 possible weights as a table, looked up by each byte's low four bits (vpermps
+  // reads no more): one shuffle per 16 weights instead of a mask, a conversion and an FMA.
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 table = _mm512_fmadd_ps(iota, _mm512_set1_ps(a), _mm512_set1_ps(c));
+  const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
+  w[0] = reinterpret_cast<VF>(_mm512_permutexvar_ps(q, table));
+  w[1] = reinterpret_cast<VF>(_mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table));
+#else
+  for (int v = 0; v < kV; ++v) {
+    const int e = v * kW;  // weights e .. e + kW: low nibbles of qs[e..], then high of qs[e - 16..]
+    const VB q = e < 16 ? loadb(qs + e) & 0xF : loadb(qs + e - 16) >> 4;
+    w[v] = to_float(q) * a + c;
+  }
+#endif
+}
+
 // Unit u (weights 32u .. 32u + 31) of a row, dequantized into w[kV].
 template <int F>
 inline void unpack(const uint8_t* row, int64_t u, VF* w) {
@@ -90,13 +111,7 @@ inline void unpack(const uint8_t* row, int64_t u, VF* w) {
   } else if constexpr (F == kQ4_0 || F == kQ4_1) {
     const uint8_t* b = row + u * (F == kQ4_0 ? 18 : 20);
     const float d = f16(b);
-    const float m = F == kQ4_0 ? -8.0f * d : f16(b + 2);
-    const uint8_t* qs = b + (F == kQ4_0 ? 2 : 4);
-    for (int v = 0; v < kV; ++v) {
-      const int e = v * kW;  // weights e .. e + kW: low nibbles of qs[e..], then high of qs[e - 16..]
-      const VB q = e < 16 ? loadb(qs + e) & 0xF : loadb(qs + e - 16) >> 4;
-      w[v] = to_float(q) * d + m;
-    }
+    unpack_nibbles(b + (F == kQ4_0 ? 2 : 4), d, F == kQ4_0 ? -8.0f * d : f16(b + 2), w);
   } else if constexpr (F == kQ4_K) {
     const uint8_t* b = row + (u >> 3) * 144;
     const int j = static_cast<int>(u & 7);
@@ -110,7 +125,7 @@ inline void unpack(const uint8_t* row, int64_t u, VF* w) {
       mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
     }
     const float a = f16(b) * sc, c = -f16(b + 2) * mn;
-    const uint8_t* qs = b + 16 + (j >> 1) * 32;
+    const uint8_t* qs = b + 16 + (j >> 1) * 32;  // sub-blocks 2i and 2i + 1: nibbles of 32 bytes
     for (int v = 0; v < kV; ++v) {
       const VB raw = loadb(qs + v * kW);
       const VB q = (j & 1) ? raw >> 4 : raw & 0xF;
@@ -136,56 +151,72 @@ inline void unpack(const uint8_t* row, int64_t u, VF* w) {
   }
 }
 
-inline float hsum(VF v) {
-  float s = 0.0f;
-  for (int i = 0; i < kW; ++i) s += v[i];
-  return s;
+// r[i] = the sum of v[i]'s lanes, i < N.
+template <int N>
+inline void hsums(const VF* v, float* r) {
+#if defined(XLLM_ISA_AVX512)
+  const VecF s = hsum16<N>(reinterpret_cast<const VecF*>(v));
+  for (int i = 0; i < N; ++i) r[i] = s[i];
+#else
+  for (int i = 0; i < N; ++i) {
+    float t = 0.0f;
+    for (int l = 0; l < kW; ++l) t += v[i][l];
+    r[i] = t;
+  }
+#endif
 }
 
 // y[m, r] for NR W rows whose units come from `get(r, u, w)` and MR x rows at x (stride K).
+// y[m, r] for NR W rows whose units come from `get(r, u, w)` and MR x rows at x (stride K);
+// one pf.step() per unit.
 template <int NR, int MR, typename Get>
 inline void tile(const Get& get, const float* x, int64_t K, const float* bias, float* y,
-                 int64_t N) {
-  VF acc[NR][MR];
-  for (int r = 0; r < NR; ++r)
-    for (int m = 0; m < MR; ++m) acc[r][m] = VF{};
+                 int64_t N, Prefetch pf) {
+  VF acc[NR * MR];
+  for (int i = 0; i < NR * MR; ++i) acc[i] = VF{};
   const int64_t units = K / kUnit;
   for (int64_t u = 0; u < units; ++u) {
+    pf.step();
     VF w[NR][kV];
     for (int r = 0; r < NR; ++r) get(r, u, w[r]);
     for (int m = 0; m < MR; ++m) {
       for (int v = 0; v < kV; ++v) {
         const VF xv = loadf(x + m * K + u * kUnit + v * kW);
-        for (int r = 0; r < NR; ++r) acc[r][m] += w[r][v] * xv;
+        for (int r = 0; r < NR; ++r) acc[r * MR + m] += w[r][v] * xv;
       }
     }
   }
+  float s[NR * MR];
+  hsums<NR * MR>(acc, s);
   for (int r = 0; r < NR; ++r) {
     const float b = bias != nullptr ? bias[r] : 0.0f;
-    for (int m = 0; m < MR; ++m) y[m * N + r] = hsum(acc[r][m]) + b;
+    for (int m = 0; m < MR; ++m) y[m * N + r] = s[r * MR + m] + b;
   }
 }
 
 template <int NR, typename Get>
 void tile_rows(int mr, const Get& get, const float* x, int64_t K, const float* bias, float* y,
-               int64_t N) {
+               int64_t N, Prefetch pf) {
   switch (mr) {
-    case 1: tile<NR, 1>(get, x, K, bias, y, N); break;
+    case 1: tile<NR, 1>(get, x, K, bias, y, N, pf); break;
 #if defined(XLLM_ISA_AVX512)
-    case 2: tile<NR, 2>(get, x, K, bias, y, N); break;
-    case 3: tile<NR, 3>(get, x, K, bias, y, N); break;
-    default: tile<NR, 4>(get, x, K, bias, y, N); break;
+    case 2: tile<NR, 2>(get, x, K, bias, y, N, pf); break;
+    case 3: tile<NR, 3>(get, x, K, bias, y, N, pf); break;
+    default: tile<NR, 4>(get, x, K, bias, y, N, pf); break;
 #else
-    default: tile<NR, 2>(get, x, K, bias, y, N); break;
+    default: tile<NR, 2>(get, x, K, bias, y, N, pf); break;
 #endif
   }
 }
 
-// Rows [n0, n1) of W against all M rows of x.
+// Rows [n0, n1) of W against all M rows of x. While a tile's units are multiplied (in the
+// first block of x rows), the bytes of the tile kPrefetchTiles ahead are fetched into L2.
 template <int F>
 void rows_range(const float* x, const uint8_t* w, int64_t row_bytes, const float* bias, float* y,
                 int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
   const int64_t blocks = (M + kMR - 1) / kMR;
+  const int64_t units = K / kUnit;
+  const int per_unit = static_cast<int>((kNR * row_bytes / 64 + units - 1) / units);
   thread_local std::vector<float> buffer;
   if (blocks > 1) buffer.resize(static_cast<size_t>(kNR * K));
   float* buf = buffer.data();
@@ -193,26 +224,36 @@ void rows_range(const float* x, const uint8_t* w, int64_t row_bytes, const float
     const int nr = n + kNR <= n1 ? kNR : 1;
     const uint8_t* wt = w + n * row_bytes;
     const float* bt = bias != nullptr ? bias + n : nullptr;
-    auto direct = [wt, row_bytes](int r, int64_t u, VF* out) { unpack<F>(wt + r * row_bytes, u, out); };
+    const int64_t ahead = std::min(n + kPrefetchTiles * kNR, n1);
+    const char* fetch = reinterpret_cast<const char*>(w + ahead * row_bytes);
+    const char* fetch_end = reinterpret_cast<const char*>(w + std::min(ahead + kNR, n1) * row_bytes);
+    Prefetch pf{fetch, fetch_end, per_unit}, none{nullptr, nullptr, 0};
+    auto direct = [wt, row_bytes](int r, int64_t u, VF* out) {
+      unpack<F>(wt + r * row_bytes, u, out);
+    };
     auto buffered = [buf, K](int r, int64_t u, VF* out) {
       for (int v = 0; v < kV; ++v) out[v] = loadf(buf + r * K + u * kUnit + v * kW);
     };
     if (blocks > 1) {
-      for (int r = 0; r < nr; ++r)
-        for (int64_t u = 0; u < K / kUnit; ++u) {
+      for (int r = 0; r < nr; ++r) {
+        for (int64_t u = 0; u < units; ++u) {
+          if (r == 0) pf.step();
           VF out[kV];
           unpack<F>(wt + r * row_bytes, u, out);
           for (int v = 0; v < kV; ++v) storef(buf + r * K + u * kUnit + v * kW, out[v]);
         }
+      }
     }
     for (int64_t b = 0, m = 0; b < blocks; ++b) {
       const int mr = static_cast<int>((M - m) / (blocks - b));
-      if (nr == kNR) {
-        if (blocks > 1) tile_rows<kNR>(mr, buffered, x + m * K, K, bt, y + m * N + n, N);
-        else tile_rows<kNR>(mr, direct, x + m * K, K, bt, y + m * N + n, N);
+      const float* xb = x + m * K;
+      float* yb = y + m * N + n;
+      if (blocks > 1) {
+        if (nr == kNR) tile_rows<kNR>(mr, buffered, xb, K, bt, yb, N, none);
+        else tile_rows<1>(mr, buffered, xb, K, bt, yb, N, none);
       } else {
-        if (blocks > 1) tile_rows<1>(mr, buffered, x + m * K, K, bt, y + m * N + n, N);
-        else tile_rows<1>(mr, direct, x + m * K, K, bt, y + m * N + n, N);
+        if (nr == kNR) tile_rows<kNR>(mr, direct, xb, K, bt, yb, N, pf);
+        else tile_rows<1>(mr, direct, xb, K, bt, yb, N, none);
       }
       m += mr;
     }

@@ -176,7 +176,7 @@ def test_triton_serves_attention(engine: Engine, prompts, monkeypatch):
 
     calls: Counter = Counter()
     for module in (triton_ops, reference):
-        for name in ("paged_attention", "write_kv"):
+        for name in ("paged_attention", "rotary_write_kv"):
             kernel = getattr(module, name)
 
             def counted(*args, _kernel=kernel, _key=(module.__name__, name), **kwargs):
@@ -187,9 +187,9 @@ def test_triton_serves_attention(engine: Engine, prompts, monkeypatch):
     run(engine.llm, [prompts[0][:5]], SamplingParams(temperature=0.0, max_tokens=3))
     layers = len(engine.llm.engine.runner.model.layers)
     assert calls["xllm.ops.cuda", "paged_attention"] >= 3 * layers, dict(calls)
-    assert calls["xllm.ops.cuda", "write_kv"] >= 3 * layers, dict(calls)
+    assert calls["xllm.ops.cuda", "rotary_write_kv"] >= 3 * layers, dict(calls)
     assert calls["xllm.ops.reference", "paged_attention"] == 0, dict(calls)
-    assert calls["xllm.ops.reference", "write_kv"] == 0, dict(calls)
+    assert calls["xllm.ops.reference", "rotary_write_kv"] == 0, dict(calls)
 
 
 def test_seeded_sampling_is_reproducible(engine: Engine, prompts):

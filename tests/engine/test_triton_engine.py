@@ -43,7 +43,9 @@ PROMPT_LENGTHS = [5, 19, 45]
 MAX_BATCHED_TOKENS = 32  # below the longest prompt: its prefill runs in chunks
 NEW_TOKENS = 6
 TOP = 3
-SPIED = ("paged_attention", "write_kv", "topk_logprobs")
+# The kernels of every layer, and the logprobs of every step.
+LAYER_KERNELS = ("paged_attention", "rotary_write_kv", "rms_norm", "silu_mul")
+SPIED = (*LAYER_KERNELS, "topk_logprobs")
 
 
 @dataclass
@@ -116,7 +118,7 @@ def test_triton_served_every_kernel(served: Served):
     calls = served.calls
     # At least the chunks of the prefill (3) and the decode steps, in every layer.
     steps = 3 + NEW_TOKENS - 1
-    for name in ("paged_attention", "write_kv"):
+    for name in LAYER_KERNELS:
         assert calls["xllm.ops.cuda", name] >= steps * served.num_layers, (name, dict(calls))
     assert calls["xllm.ops.cuda", "topk_logprobs"] >= NEW_TOKENS
     others = {key: n for key, n in calls.items() if key[0] != "xllm.ops.cuda" and n}

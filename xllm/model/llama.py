@@ -9,7 +9,6 @@ multimodal rotary sections (Qwen2.5-VL's M-RoPE).
 import logging
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from xllm import ops
@@ -109,13 +108,13 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("section_of", section_of, persistent=False)
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin [T, 1, head_dim / 2] of each token's position ([T], or [3, T])."""
+        """cos and sin [T, head_dim / 2] of each token's position ([T], or [3, T])."""
         if positions.dim() == 1:
-            return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+            return self.cos[positions], self.sin[positions]
         columns = torch.arange(self.cos.shape[1], device=positions.device)
         rows = positions[self.section_of]  # [head_dim / 2, T]: each frequency's position
-        return self.cos[rows, columns[:, None]].T.unsqueeze(1), \
-            self.sin[rows, columns[:, None]].T.unsqueeze(1)
+        return self.cos[rows, columns[:, None]].T.contiguous(), \
+            self.sin[rows, columns[:, None]].T.contiguous()
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -141,16 +140,13 @@ class Attention(nn.Module):
         self.o_proj = Linear(q_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        tokens, heads = x.shape[0], self.num_heads
+        tokens = x.shape[0]
         qkv = self.qkv_proj(x)
-        q_and_k = self.sizes[0] + self.sizes[1]
-        # q and k sit side by side in qkv: rotate them in one go.
-        qk = rotate(qkv[:, :q_and_k].view(tokens, -1, self.head_dim), cos, sin)
-        q, k = qk[:, :heads], qk[:, heads:]
-        v = qkv[:, q_and_k:].view(tokens, self.num_kv_heads, self.head_dim)
         ctx = get_context()
         k_cache, v_cache = ctx.kv_caches[self.layer_index]
-        ops.write_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
+        ops.rotary_write_kv(qkv, cos, sin, self.num_heads, self.num_kv_heads, k_cache, v_cache,
+                            ctx.slot_mapping)
+        q = qkv[:, : self.sizes[0]].view(tokens, self.num_heads, self.head_dim)
         out = ops.paged_attention(
             q, k_cache, v_cache, ctx.query_start_loc, ctx.seq_lens, ctx.block_tables, self.scale
         )
@@ -165,8 +161,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(self.intermediate, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
 
 
 class RMSNorm(nn.Module):
@@ -175,8 +170,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """RMSNorm of x [..., H]; with a residual [T, H], of residual + x, which the residual
+        becomes (in place): returns (normed, residual)."""
+        if residual is not None:
+            return ops.rms_norm(x, self.weight, self.eps, residual)
+        return ops.rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps).view(x.shape)
 
 
 class DecoderLayer(nn.Module):
@@ -187,9 +186,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's output, the residual stream before it): the first layer starts the
+        stream (residual None), each next one adds its input to it inside its first norm."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, cos, sin), residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -226,9 +232,10 @@ class LlamaForCausalLM(nn.Module):
         """Hidden states of the input embeddings x [T, hidden] at their positions."""
         cos, sin = self.rotary.lookup(positions)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        residual = None
         for layer in self.layers:
-            x = layer(x, cos, sin)
-        return x
+            x, residual = layer(x, residual, cos, sin)
+        return x + residual
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden))

@@ -102,3 +102,20 @@ def quant_linear(x, data, qtype, bias=None):
 def dequantize(data, qtype, rows=None):
     """See `reference.dequantize`."""
     return backend_for(data).dequantize(data, qtype, rows)
+
+
+def rms_norm(x, weight, eps, residual=None):
+    """See `reference.rms_norm`."""
+    return backend_for(x).rms_norm(x, weight, eps, residual)
+
+
+def silu_mul(x):
+    """See `reference.silu_mul`."""
+    return backend_for(x).silu_mul(x)
+
+
+def rotary_write_kv(qkv, cos, sin, num_heads, num_kv_heads, k_cache, v_cache, slot_mapping):
+    """See `reference.rotary_write_kv`."""
+    return backend_for(qkv).rotary_write_kv(
+        qkv, cos, sin, num_heads, num_kv_heads, k_cache, v_cache, slot_mapping
+    )

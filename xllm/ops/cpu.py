@@ -283,3 +283,76 @@ def dequantize(
         data.shape[0], out.data_ptr(), k,
     )  # fmt: skip
     return out
+
+
+def _row_stride(t: torch.Tensor, name: str) -> int:
+    """Row stride of a 2-D float32 CPU tensor whose rows are contiguous."""
+    _require_cpu_f32(name, t)
+    if t.dim() != 2 or (t.stride(1) != 1 and t.shape[1] > 1):
+        raise ValueError(f"{name} must be 2-D with contiguous rows")
+    return t.stride(0)
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """See `xllm.ops.reference.rms_norm` (float32; rows of x and residual contiguous)."""
+    tokens, hidden = x.shape
+    x_stride = _row_stride(x, "x")
+    _require_cpu_f32("weight", weight)
+    if weight.shape != (hidden,) or not weight.is_contiguous():
+        raise ValueError(f"weight must be a contiguous [{hidden}]")
+    res_stride = 0
+    if residual is not None:
+        res_stride = _row_stride(residual, "residual")
+        if residual.shape != x.shape:
+            raise ValueError("residual must have x's shape")
+    out = torch.empty(tokens, hidden, dtype=_F32)
+    _C.rms_norm(
+        x.data_ptr(), x_stride, 0 if residual is None else residual.data_ptr(), res_stride,
+        weight.data_ptr(), out.data_ptr(), tokens, hidden, eps,
+    )  # fmt: skip
+    return out if residual is None else (out, residual)
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """See `xllm.ops.reference.silu_mul` (float32; rows of x contiguous)."""
+    tokens, width = x.shape
+    if width % 2:
+        raise ValueError("x must be [T, 2I]")
+    out = torch.empty(tokens, width // 2, dtype=_F32)
+    _C.silu_mul(x.data_ptr(), _row_stride(x, "x"), out.data_ptr(), tokens, width // 2)
+    return out
+
+
+def rotary_write_kv(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """See `xllm.ops.reference.rotary_write_kv` (float32)."""
+    _cache_pair(k_cache, v_cache)
+    num_blocks, block_size, cache_kv_heads, head_size = k_cache.shape
+    tokens = qkv.shape[0]
+    stride = _row_stride(qkv, "qkv")
+    if cache_kv_heads != num_kv_heads or qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_size:
+        raise ValueError("qkv must be [T, (H + 2 H_kv) D] matching the caches")
+    if head_size % 2:
+        raise ValueError("the head size must be even")
+    for name, t in (("cos", cos), ("sin", sin)):
+        _require_cpu_f32(name, t)
+        if t.shape != (tokens, head_size // 2) or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous [T, D / 2]")
+    if slot_mapping.shape != (tokens,) or slot_mapping.dtype not in _INDEX_DTYPES:
+        raise ValueError("slot_mapping must be an int32 or int64 [T]")
+    slot_mapping = slot_mapping.contiguous()
+    _C.rotary_write_kv(
+        qkv.data_ptr(), stride, cos.data_ptr(), sin.data_ptr(), tokens, num_heads, num_kv_heads,
+        head_size, k_cache.data_ptr(), v_cache.data_ptr(), slot_mapping.data_ptr(),
+        slot_mapping.dtype == torch.int64, num_blocks * block_size,
+    )  # fmt: skip

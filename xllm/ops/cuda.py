@@ -16,6 +16,7 @@ from xllm.ops.quant import quant_format
 from xllm_triton.attention import LOG2E, paged_attention_kernel, reduce_splits_kernel
 from xllm_triton.beam import beam_prune_kernel
 from xllm_triton.cache import copy_blocks_kernel, write_kv_kernel
+from xllm_triton.fused import rms_norm_kernel, rotary_write_kv_kernel, silu_mul_kernel
 from xllm_triton.logprobs import chunk_stats_kernel, chunk_topk_kernel, merge_topk_kernel
 from xllm_triton.quant import SUB, dequantize_kernel, quant_linear_kernel
 
@@ -357,3 +358,155 @@ def dequantize(data: torch.Tensor, qtype: str, rows: torch.Tensor | None = None)
             QTYPE=qtype, HAS_ROWS=rows is not None, BLOCK_R=block_r,
         )  # fmt: skip
     return out
+
+
+# ---------------------------------------------------------------- fused layer ops
+
+NORM_BLOCK = 8192  # most elements of a row rms_norm keeps in registers (a power of two)
+SILU_BLOCK = 1024  # outputs a silu_mul program writes (a power of two)
+ROTARY_ELEMS = 2048  # about the elements (heads * D) a rotary_write_kv program moves
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_float(name: str, tensor: torch.Tensor) -> None:
+    if tensor.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {tensor.dtype}")
+
+
+def _check_devices(anchor: str, tensor: torch.Tensor, **others: torch.Tensor | None) -> None:
+    for name, other in others.items():
+        if other is not None and other.device != tensor.device:
+            raise ValueError(f"{name} is on {other.device}, {anchor} on {tensor.device}")
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """See `xllm.ops.reference.rms_norm`; the output is a new contiguous [T, H] tensor in the
+    dtype of x, or of the residual when there is one (the reference norms the residual)."""
+    return rms_norm_with(x, weight, eps, residual)
+
+
+def rms_norm_with(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    block_h: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """`rms_norm` with the chunk open: rows wider than block_h (a power of two) take two passes."""
+    _check_float("x", x)
+    _check_float("weight", weight)
+    if x.dim() != 2:
+        raise ValueError(f"x must be [T, H], got {list(x.shape)}")
+    tokens, width = x.shape
+    if weight.shape != (width,):
+        raise ValueError(f"weight must be [{width}], got {list(weight.shape)}")
+    if residual is not None:
+        _check_float("residual", residual)
+        if residual.shape != x.shape:
+            raise ValueError(f"residual must be {list(x.shape)} like x, got {list(residual.shape)}")
+        if residual.stride(-1) != 1:
+            raise ValueError("the residual's last dimension must be contiguous (updated in place)")
+    _check_devices("x", x, weight=weight, residual=residual)
+    out_dtype = x.dtype if residual is None else residual.dtype
+    out = torch.empty(tokens, width, dtype=out_dtype, device=x.device)
+    if tokens > 0 and width > 0:
+        x = _last_dim_contiguous(x)
+        weight = weight.contiguous()
+        if block_h is None:
+            block_h = min(NORM_BLOCK, _next_pow2(width))
+        with _launch_context(x):
+            rms_norm_kernel[(tokens,)](
+                x, weight, residual if residual is not None else x, out, width, float(eps),
+                x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
+                HAS_RESIDUAL=residual is not None, BLOCK_H=block_h, ONE_PASS=block_h >= width,
+                num_warps=min(16, max(1, block_h // 256)),
+            )  # fmt: skip
+    return out if residual is None else (out, residual)
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """See `xllm.ops.reference.silu_mul`: x [..., 2I] (batch dims allowed, as there) -> a new
+    contiguous [..., I] in x's dtype; float32 math."""
+    _check_float("x", x)
+    if x.dim() == 0 or x.shape[-1] % 2:
+        raise ValueError(f"x must be [T, 2I], got {list(x.shape)}")
+    inter = x.shape[-1] // 2
+    out = torch.empty(*x.shape[:-1], inter, dtype=x.dtype, device=x.device)
+    tokens = out.numel() // inter if inter else 0
+    if tokens == 0:
+        return out
+    x = _last_dim_contiguous(x.reshape(tokens, 2 * inter))  # a view when the rows allow
+    block_i = min(SILU_BLOCK, _next_pow2(inter))
+    with _launch_context(x):
+        silu_mul_kernel[(tokens, triton.cdiv(inter, block_i))](
+            x, out, inter, x.stride(0), inter, BLOCK_I=block_i, num_warps=4
+        )
+    return out
+
+
+def rotary_write_kv(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """See `xllm.ops.reference.rotary_write_kv`: one launch rotates q and k and writes k, v.
+
+    Reads no tensor values on the host (CUDA-graph safe); slots must lie in the cache or be -1
+    (not checked).
+    """
+    for name, t in (("qkv", qkv), ("cos", cos), ("sin", sin)):
+        _check_float(name, t)
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_float(name, t)
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError("k_cache and v_cache must both be [num_blocks, block_size, H_kv, D]")
+    _, block_size, cache_heads, head_size = k_cache.shape
+    if num_heads < 1 or num_kv_heads != cache_heads:
+        raise ValueError(
+            f"need num_heads >= 1 and num_kv_heads == the cache's H_kv ({cache_heads}), "
+            f"got {num_heads}, {num_kv_heads}"
+        )
+    if head_size % 2:
+        raise ValueError(f"the head size must be even for rotate-half, got {head_size}")
+    width = (num_heads + 2 * num_kv_heads) * head_size
+    if qkv.dim() != 2 or qkv.shape[1] != width:
+        raise ValueError(f"qkv must be [T, (H + 2 H_kv) D] = [T, {width}], got {list(qkv.shape)}")
+    tokens, half = qkv.shape[0], head_size // 2
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.shape != (tokens, half):
+            raise ValueError(f"{name} must be [{tokens}, {half}], got {list(t.shape)}")
+    if slot_mapping.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"slot_mapping must be int32 or int64, got {slot_mapping.dtype}")
+    if slot_mapping.shape != (tokens,):
+        raise ValueError(f"slot_mapping must be [{tokens}], got {list(slot_mapping.shape)}")
+    _check_devices(
+        "qkv", qkv, cos=cos, sin=sin, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping
+    )
+    if tokens == 0:
+        return
+    if qkv.stride(-1) != 1:
+        raise ValueError("qkv's last dimension must be contiguous (it is rotated in place)")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("the KV cache's last dimension must be contiguous")
+    cos = _last_dim_contiguous(cos)
+    sin = _last_dim_contiguous(sin)
+    slot_mapping = slot_mapping.contiguous()
+    total_heads = num_heads + 2 * num_kv_heads
+    half_pad = _next_pow2(half)
+    block_heads = min(_next_pow2(total_heads), max(1, ROTARY_ELEMS // (2 * half_pad)))
+    with _launch_context(qkv):
+        rotary_write_kv_kernel[(tokens, triton.cdiv(total_heads, block_heads))](
+            qkv, cos, sin, k_cache, v_cache, slot_mapping,
+            qkv.stride(0), cos.stride(0), sin.stride(0),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_SIZE=head_size,
+            HALF_PAD=half_pad, BLOCK_HEADS=block_heads, BLOCK_SIZE=block_size,
+        )  # fmt: skip

@@ -204,3 +204,50 @@ def quant_linear(
 ) -> torch.Tensor:
     """y = x @ W^T (+ bias) for W the quantized rows data [N, row_bytes]: x [..., K] float32."""
     return torch.nn.functional.linear(x.float(), dequantize(data, qtype), bias)
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of x [T, H] times weight [H]; with a residual [T, H], first residual += x (in
+    place) and the norm of the sum, returning (normed, residual)."""
+    if residual is not None:
+        residual.add_(x)
+        x = residual
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    out = (normed * weight.float()).to(x.dtype)
+    return out if residual is None else (out, residual)
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of x [T, 2I] = [gate | up]; returns [T, I]."""
+    gate, up = x.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def rotary_write_kv(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Rotary embedding of q and k, in place, then their keys and values into the cache.
+
+    qkv: [T, (H + 2 H_kv) D], each row q | k | v of one token (row stride may exceed the
+       width); cos, sin: [T, D / 2], the angles of each token's position (rotate-half:
+       element i pairs with i + D / 2); k_cache, v_cache, slot_mapping: as `write_kv`.
+    """
+    tokens = qkv.shape[0]
+    head_dim = k_cache.shape[3]
+    qk = qkv[:, : (num_heads + num_kv_heads) * head_dim].view(tokens, -1, head_dim)
+    x1, x2 = qk.float().chunk(2, dim=-1)
+    c, s = cos.float()[:, None], sin.float()[:, None]
+    qk.copy_(torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1))
+    k = qk[:, num_heads:]
+    v = qkv[:, (num_heads + num_kv_heads) * head_dim :].view(tokens, num_kv_heads, head_dim)
+    write_kv(k, v, k_cache, v_cache, slot_mapping)
