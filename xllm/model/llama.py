@@ -4,6 +4,9 @@ The model works on a flat batch: token ids and positions of every scheduled
 sequence laid end to end. Attention metadata comes from `model.context`.
 Positions are [T], or [3, T] (temporal, height, width) for a model with
 multimodal rotary sections (Qwen2.5-VL's M-RoPE).
+
+The decoder calls its submodules' `forward` directly: `nn.Module.__call__` costs about
+3 us, and a decode step of a 30-layer model would make some 270 of those calls.
 """
 
 import logging
@@ -141,7 +144,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         tokens = x.shape[0]
-        qkv = self.qkv_proj(x)
+        qkv = self.qkv_proj.forward(x)
         ctx = get_context()
         k_cache, v_cache = ctx.kv_caches[self.layer_index]
         ops.rotary_write_kv(qkv, cos, sin, self.num_heads, self.num_kv_heads, k_cache, v_cache,
@@ -150,7 +153,7 @@ class Attention(nn.Module):
         out = ops.paged_attention(
             q, k_cache, v_cache, ctx.query_start_loc, ctx.seq_lens, ctx.block_tables, self.scale
         )
-        return self.o_proj(out.view(tokens, -1))
+        return self.o_proj.forward(out.view(tokens, -1))
 
 
 class MLP(nn.Module):
@@ -161,7 +164,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(self.intermediate, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
+        return self.down_proj.forward(ops.silu_mul(self.gate_up_proj.forward(x)))
 
 
 class RMSNorm(nn.Module):
@@ -191,11 +194,12 @@ class DecoderLayer(nn.Module):
         """(this layer's output, the residual stream before it): the first layer starts the
         stream (residual None), each next one adds its input to it inside its first norm."""
         if residual is None:
-            residual, h = x, self.input_layernorm(x)
+            residual, h = x, self.input_layernorm.forward(x)
         else:
-            h, residual = self.input_layernorm(x, residual)
-        h, residual = self.post_attention_layernorm(self.self_attn(h, cos, sin), residual)
-        return self.mlp(h), residual
+            h, residual = self.input_layernorm.forward(x, residual)
+        h = self.self_attn.forward(h, cos, sin)
+        h, residual = self.post_attention_layernorm.forward(h, residual)
+        return self.mlp.forward(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -234,7 +238,7 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         residual = None
         for layer in self.layers:
-            x, residual = layer(x, residual, cos, sin)
+            x, residual = layer.forward(x, residual, cos, sin)
         return x + residual
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -244,27 +244,33 @@ def quant_linear(
     x: torch.Tensor, data: torch.Tensor, qtype: str, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """See `xllm.ops.reference.quant_linear`: the rows unpacked in registers, up to
-    LINEAR_MAX_ROWS rows of x; more rows dequantize W once and go to F.linear (MKL)."""
-    k = _quant_rows(data, qtype)
-    n = data.shape[0]
+    LINEAR_MAX_ROWS rows of x; more rows dequantize W once and go to F.linear (MKL).
+
+    Kept thin, like `linear` (a decode step calls it once per projection): the C++ side
+    checks the format and that the rows hold x's K weights.
+    """
+    if data.dtype is not torch.uint8 or data.dim() != 2 or not data.is_cpu:
+        _quant_rows(data, qtype)  # raises
+    if not data.is_contiguous():
+        raise ValueError("quantized rows must be contiguous")
     _require_cpu_f32("x", x)
-    if x.shape[-1] != k:
-        raise ValueError(f"x has {x.shape[-1]} columns, the weight {k}")
+    n, k = data.shape[0], x.shape[-1]
+    m = x.numel() // k if k else 0
+    if m > LINEAR_MAX_ROWS:
+        return F.linear(x, dequantize(data, qtype), bias)
     if bias is not None:
         _require_cpu_f32("bias", bias)
         if bias.shape != (n,):
             raise ValueError(f"bias must be [{n}]")
         bias = bias.contiguous()
-    m = x.numel() // k if k else 0
-    if m > LINEAR_MAX_ROWS:
-        return F.linear(x, dequantize(data, qtype), bias)
-    x = x.contiguous()
+    if not x.is_contiguous():
+        x = x.contiguous()
     out = torch.empty(m, n, dtype=_F32)
     _C.quant_linear(
         x.data_ptr(), data.data_ptr(), qtype, data.shape[1],
         0 if bias is None else bias.data_ptr(), out.data_ptr(), m, n, k,
     )  # fmt: skip
-    return out.view(*x.shape[:-1], n)
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], n)
 
 
 def dequantize(
