@@ -84,34 +84,85 @@ enum Format : int { kQ8_0, kQ4_0, kQ4_1, kQ4_K, kQ6_K, kInt8 };
 // 32 four-bit weights a * q + c of qs[16] (q of weight j in the low nibble of qs[j], of
 // j + 16 in the high one) into w[kV].
 inline void unpack_nibbles(const uint8_t* qs, float a, float c, VF* w) {
-#if defined(XLLM_ISA_AVX512)
-  // The 16 possible weights as a table, looked up by each byte's low four bits (vpermps
-  // reads no more): one shuffle per 16 weights instead of a mask, a conversion and an FMA.
-  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512 table = _mm512_fmadd_ps(iota, _mm512_set1_ps(a), _mm512_set1_ps(c));
-  const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
-  w[0] = reinterpret_cast<VF>(_mm512_permutexvar_ps(q, table));
-  w[1] = reinterpret_cast<VF>(_mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table));
-#else
   for (int v = 0; v < kV; ++v) {
     const int e = v * kW;  // weights e .. e + kW: low nibbles of qs[e..], then high of qs[e - 16..]
     const VB q = e < 16 ? loadb(qs + e) & 0xF : loadb(qs + e - 16) >> 4;
     w[v] = to_float(q) * a + c;
   }
-#endif
 }
+
+#if defined(XLLM_ISA_AVX512)
+// The AVX-512 unpacking of the 32-weight formats. Zen 4 runs one 512-bit shuffle per cycle,
+// and shuffles (byte widening, lane broadcasts, half conversions) bound these loops, so:
+// the four-bit weights come from a 16-entry table looked up by vpermps, which reads only
+// each lane's low four bits (one shuffle per 16 weights replaces a mask, a conversion and an
+// FMA); and the block's scales, once converted, go through memory, so that broadcasting
+// them is a load, not a shuffle.
+
+// The float32 values of the two halves at p (d and m of q4_1), through memory.
+inline const float* halves(const uint8_t* p, float* out) {
+  uint32_t bits;
+  std::memcpy(&bits, p, 4);
+  _mm_storel_pi(reinterpret_cast<__m64*>(out), _mm_cvtph_ps(_mm_cvtsi32_si128(bits)));
+  asm volatile("" : : "r"(out) : "memory");  // read them back from memory, as broadcasts
+  return out;
+}
+
+inline void lookup_nibbles(const uint8_t* qs, __m512 table, VF* w) {
+  const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
+  w[0] = reinterpret_cast<VF>(_mm512_permutexvar_ps(q, table));
+  w[1] = reinterpret_cast<VF>(_mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table));
+}
+
+inline __m512 iota16(float first) {
+  return _mm512_setr_ps(first, first + 1, first + 2, first + 3, first + 4, first + 5, first + 6,
+                        first + 7, first + 8, first + 9, first + 10, first + 11, first + 12,
+                        first + 13, first + 14, first + 15);
+}
+
+inline void unpack_q4_0(const uint8_t* b, VF* w) {
+  alignas(8) float dm[2];
+  const float* s = halves(b, dm);  // d (and the first two weights' bytes, unused)
+  lookup_nibbles(b + 2, _mm512_mul_ps(iota16(-8.0f), _mm512_set1_ps(s[0])), w);
+}
+
+inline void unpack_q4_1(const uint8_t* b, VF* w) {
+  alignas(8) float dm[2];
+  const float* s = halves(b, dm);
+  lookup_nibbles(b + 4, _mm512_fmadd_ps(iota16(0.0f), _mm512_set1_ps(s[0]), _mm512_set1_ps(s[1])),
+                 w);
+}
+
+inline void unpack_q8_0(const uint8_t* b, VF* w) {
+  alignas(8) float dm[2];
+  const __m512 d = _mm512_set1_ps(halves(b, dm)[0]);
+  for (int v = 0; v < 2; ++v) {
+    const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2 + 16 * v));
+    w[v] = reinterpret_cast<VF>(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), d));
+  }
+}
+#endif
 
 // Unit u (weights 32u .. 32u + 31) of a row, dequantized into w[kV].
 template <int F>
 inline void unpack(const uint8_t* row, int64_t u, VF* w) {
   if constexpr (F == kQ8_0) {
+#if defined(XLLM_ISA_AVX512)
+    unpack_q8_0(row + u * 34, w);
+#else
     const uint8_t* b = row + u * 34;
     const float d = f16(b);
     for (int v = 0; v < kV; ++v) w[v] = int8_float(b + 2 + v * kW) * d;
+#endif
   } else if constexpr (F == kQ4_0 || F == kQ4_1) {
+#if defined(XLLM_ISA_AVX512)
+    if constexpr (F == kQ4_0) unpack_q4_0(row + u * 18, w);
+    else unpack_q4_1(row + u * 20, w);
+#else
     const uint8_t* b = row + u * (F == kQ4_0 ? 18 : 20);
     const float d = f16(b);
     unpack_nibbles(b + (F == kQ4_0 ? 2 : 4), d, F == kQ4_0 ? -8.0f * d : f16(b + 2), w);
+#endif
   } else if constexpr (F == kQ4_K) {
     const uint8_t* b = row + (u >> 3) * 144;
     const int j = static_cast<int>(u & 7);
@@ -318,10 +369,17 @@ struct Dequantize {
 
 }  // namespace
 
+constexpr int64_t kChunkBytes = 512 << 10;  // bytes of x rows per pass over W
+
 void quant_linear(const float* x, const uint8_t* weight, int format, int64_t row_bytes,
                   const float* bias, float* y, int64_t M, int64_t N, int64_t K) {
   if (M == 0 || N == 0) return;
-  dispatch<Linear>(format, x, weight, row_bytes, bias, y, M, N, K);
+  // Rows of x per pass over W: as many as stay in L2 while every tile of W meets them (each
+  // pass unpacks W again, a small cost next to the multiplies of that many rows).
+  const int64_t chunk = std::max<int64_t>(16, kChunkBytes / (K * 4) / kMR * kMR);
+  for (int64_t m = 0; m < M; m += chunk)
+    dispatch<Linear>(format, x + m * K, weight, row_bytes, bias, y + m * N, std::min(chunk, M - m),
+                     N, K);
 }
 
 void dequantize(const uint8_t* weight, int format, int64_t row_bytes, const int64_t* rows,

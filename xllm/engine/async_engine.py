@@ -113,7 +113,9 @@ class RequestStream:
 
 class AsyncEngine:
     def __init__(self, config: EngineConfig):
-        self.engine = LLMEngine(config)
+        self._go = threading.Event()  # start() or shutdown() lets the built engine thread on
+        self._stopping = False
+        self.engine = self._build(config)
         self.processor = self.engine.processor
         self.max_model_len = self.engine.max_model_len
         self.default_params = self.engine.default_params
@@ -122,8 +124,7 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._streams: dict[str, RequestStream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._stopping = False
+        self._started = False
         self._sleeping = False
         self._sleep_lock = asyncio.Lock()
         self._stats = self.engine.stats()
@@ -136,15 +137,42 @@ class AsyncEngine:
     def tokenizer(self) -> Tokenizer:
         return self.processor.tokenizer
 
+    def _build(self, config: EngineConfig) -> LLMEngine:
+        """The engine, built on the thread that will run its steps (which then waits for
+        start()). OpenMP gives each thread that starts parallel regions a worker pool of its
+        own; two pools on a machine that one pool fills make libgomp throttle its spinning,
+        and every kernel then waits on futex wake-ups (decode steps ~40% slower)."""
+        built: list[LLMEngine | BaseException] = []
+        ready = threading.Event()
+
+        def run() -> None:
+            try:
+                built.append(LLMEngine(config))
+            except BaseException as exc:  # handed to the constructor's caller
+                built.append(exc)
+                return
+            finally:
+                ready.set()
+            self._go.wait()
+            self._run()
+
+        self._thread = threading.Thread(target=run, name="xllm-engine", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if isinstance(built[0], BaseException):
+            self._thread.join()
+            raise built[0]
+        return built[0]
+
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="xllm-engine", daemon=True)
-            self._thread.start()
+        self._started = True
+        self._go.set()
 
     def shutdown(self) -> None:
         self._stopping = True
         self._wake.set()
-        if self._thread is not None:
+        self._go.set()
+        if self._started:
             self._thread.join(timeout=10)
         if self._dead_reason is None:
             self._dead_reason = "the engine is shut down"
@@ -152,7 +180,7 @@ class AsyncEngine:
         self._image_workers.shutdown(wait=False, cancel_futures=True)
 
     def is_healthy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
+        return self._started and self._thread.is_alive() and not self._stopping
 
     @property
     def dead_reason(self) -> str | None:

@@ -1,0 +1,110 @@
+"""Quantized weights in the engine: the default model served in its own Q4_1 format against the
+same weights dequantized to float32, and int8 of a random-weight model against its float32 run.
+
+(The default model's engine, whose weights are Q4_1 now, is also compared with transformers'
+dequantized model by test_generate_hf.py at 1e-4.)
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+
+import pytest
+from hf_oracle import CHAT_QUESTIONS, LONG_TEXT, chat_ids, run
+
+from xllm.engine.llm import LLM
+from xllm.engine.sampling_params import SamplingParams
+from xllm.model.llama import Embedding, Linear
+
+NEW_TOKENS = 48
+TOP = 5
+LOGPROB_TOL = 1e-3
+
+
+def formats(llm: LLM) -> dict[str, int]:
+    """How many Linear / Embedding modules of the served model hold each format."""
+    counts: dict[str, int] = {}
+    for module in llm.engine.runner.model.modules():
+        if isinstance(module, Linear | Embedding):
+            key = module.qtype or "float32"
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def greedy(max_tokens: int, **kwargs) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def smol_float():
+    """The default model with every weight dequantized to float32 (--quantization none)."""
+    llm = LLM("default", quantization="none", max_model_len=1024, num_blocks=128)
+    yield llm
+    del llm
+    gc.collect()
+
+
+def test_default_model_is_served_in_its_own_formats(smol_llm, smol_float):
+    # 30 layers x (qkv, o, gate_up, down) in Q4_1; the embedding and the tied LM head in Q8_0.
+    assert formats(smol_llm) == {"q4_1": 120, "q8_0": 2}
+    assert formats(smol_float) == {"float32": 122}
+
+
+def test_q4_1_native_matches_the_dequantized_model(smol_llm, smol_float, smol_hf):
+    _, tokenizer = smol_hf
+    prompts = [chat_ids(tokenizer, q) for q in CHAT_QUESTIONS]
+    params = greedy(NEW_TOKENS, logprobs=TOP)
+    native, dense = run(smol_llm, prompts, params), run(smol_float, prompts, params)
+    worst = 0.0
+    for i, (a, b) in enumerate(zip(native, dense, strict=True)):
+        ca, cb = a.outputs[0], b.outputs[0]
+        assert ca.token_ids == cb.token_ids, f"prompt {i}: greedy tokens differ"
+        for step, (la, lb) in enumerate(zip(ca.logprobs, cb.logprobs, strict=True)):
+            assert [t for t, _ in la.top] == [t for t, _ in lb.top] or _near_tie(lb.top), (
+                f"prompt {i} step {step}: top tokens differ")
+            worst = max(worst, abs(la.logprob - lb.logprob),
+                        *(abs(x - y) for (_, x), (_, y) in zip(la.top, lb.top, strict=True)))
+    assert worst <= LOGPROB_TOL, worst
+
+
+def _near_tie(top: list[tuple[int, float]]) -> bool:
+    return any(abs(x - y) < LOGPROB_TOL for (_, x), (_, y) in zip(top, top[1:]))
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tiny_folders):
+    """A random-weight Llama (untied, 3 layers) served in float32 and in int8."""
+    folder = tiny_folders["llama-gqa4-untied"]
+    dense = LLM(str(folder), quantization="none", num_blocks=64)
+    int8 = LLM(str(folder), quantization="int8", num_blocks=64)
+    yield dense, int8
+    del dense, int8
+    gc.collect()
+
+
+def test_int8_of_a_random_model(tiny_pair, smol_hf):
+    dense, int8 = tiny_pair
+    assert formats(int8) == {"int8": 3 * 4 + 1, "float32": 1}  # the embedding stays float32
+    _, tokenizer = smol_hf
+    prompts = [tokenizer(q).input_ids for q in CHAT_QUESTIONS]
+    float_runs = run(dense, prompts, greedy(32))
+    # Teacher-forced: int8's top token at each position of the float32 model's greedy text.
+    agree = total = 0
+    for prompt, out in zip(prompts, float_runs, strict=True):
+        ids = prompt + out.outputs[0].token_ids
+        scored = run(int8, [ids], SamplingParams(max_tokens=1, prompt_logprobs=1))[0]
+        for pos in range(len(prompt), len(ids)):
+            total += 1
+            agree += scored.prompt_logprobs[pos].top[0][0] == ids[pos]
+    print(f"int8 top-1 agrees with float32 greedy on {agree} of {total} tokens")
+    assert agree >= 0.9 * total, f"{agree} of {total}"
+    # Perplexity of a fixed text within 1%.
+    text = tokenizer(LONG_TEXT).input_ids[:256]
+    ppl = {}
+    for name, llm in (("float32", dense), ("int8", int8)):
+        scored = run(llm, [text], SamplingParams(max_tokens=1, prompt_logprobs=0))[0]
+        nll = -sum(entry.logprob for entry in scored.prompt_logprobs[1:]) / (len(text) - 1)
+        ppl[name] = math.exp(nll)
+    print(f"perplexity of the fixed text: {ppl}")
+    assert abs(ppl["int8"] / ppl["float32"] - 1) <= 0.01, ppl
