@@ -66,7 +66,8 @@ XLLM_SIMD_KERNELS
 #endif
 #undef XLLM_SIMD_KERNELS
 
-// The quantized formats of xllm/ops/quant.py, indexed by the `format` of the kernels above.
+// The quantized formats of xllm/ops/quant.py, indexed by the `format` of the kernels above,
+// and float32 rows ("f32"), which `xllm.ops.cpu.linear` sends to the same blocked kernel.
 struct QuantFormat {
   const char* name;
   int64_t block, block_bytes, row_header;
@@ -74,6 +75,7 @@ struct QuantFormat {
 inline constexpr QuantFormat kQuantFormats[] = {
     {"q8_0", 32, 34, 0},    {"q4_0", 32, 18, 0},   {"q4_1", 32, 20, 0},
     {"q4_k", 256, 144, 0},  {"q6_k", 256, 210, 0}, {"int8", 32, 32, 4},
+    {"f32", 32, 128, 0},
 };
 // The index of a format's name; std::invalid_argument for an unknown one.
 int quant_format(const std::string& name);

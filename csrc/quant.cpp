@@ -79,7 +79,7 @@ inline float f32(const uint8_t* p) {
   return f;
 }
 
-enum Format : int { kQ8_0, kQ4_0, kQ4_1, kQ4_K, kQ6_K, kInt8 };
+enum Format : int { kQ8_0, kQ4_0, kQ4_1, kQ4_K, kQ6_K, kInt8, kF32 };
 
 // 32 four-bit weights a * q + c of qs[16] (q of weight j in the low nibble of qs[j], of
 // j + 16 in the high one) into w[kV].
@@ -195,6 +195,9 @@ inline void unpack(const uint8_t* row, int64_t u, VF* w) {
       const VI q = __builtin_convertvector(low | (high << 4), VI) - 32;
       w[v] = __builtin_convertvector(q, VF) * (d * scales[2 * j + (v * kW) / 16]);
     }
+  } else if constexpr (F == kF32) {
+    const float* p = reinterpret_cast<const float*>(row) + u * kUnit;
+    for (int v = 0; v < kV; ++v) w[v] = loadf(p + v * kW);
   } else {
     static_assert(F == kInt8, "one branch per format");
     const float scale = f32(row);
@@ -351,6 +354,7 @@ void dispatch(int format, Args... args) {
     case kQ4_K: Call<kQ4_K>::run(args...); break;
     case kQ6_K: Call<kQ6_K>::run(args...); break;
     case kInt8: Call<kInt8>::run(args...); break;
+    case kF32: Call<kF32>::run(args...); break;
     default: throw std::invalid_argument("unknown quantized format");
   }
 }

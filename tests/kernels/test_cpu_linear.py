@@ -102,11 +102,19 @@ def test_leading_dims_and_dispatch():
     torch.testing.assert_close(one, reference.linear(x[0, 0], weight), **TOL)
 
 
+@pytest.mark.parametrize("k", [64, 576, 1000])  # 1000: not a multiple of 32, F.linear's
+@pytest.mark.parametrize("m", [cpu.LINEAR_MAX_ROWS + 1, 517] if cpu else [])
+def test_big_batches_take_the_blocked_kernel(m, k):
+    weight, bias = weights(k, 17)
+    big = activations(m, k)
+    for b in (None, bias):
+        torch.testing.assert_close(cpu.linear(big, weight, b), reference.linear(big, weight, b),
+                                   **TOL)
+
+
 def test_falls_back_outside_the_kernel():
-    """Big batches, strided inputs and other dtypes still give F.linear's result."""
+    """Strided inputs and other dtypes still give F.linear's result."""
     weight, bias = weights(64, 17)
-    big = activations(cpu.LINEAR_MAX_ROWS + 1, 64)
-    torch.testing.assert_close(cpu.linear(big, weight, bias), reference.linear(big, weight, bias))
     strided = activations(8, 128)[:, ::2]
     torch.testing.assert_close(
         cpu.linear(strided, weight, bias), reference.linear(strided, weight, bias), **TOL

@@ -21,8 +21,9 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 
 _F32 = torch.float32
 _I32 = torch.int32
-# Up to this many rows of x the C++ kernel beat F.linear (MKL) on every SmolLM2 and Qwen2-7B
-# shape measured (2 Zen 4 threads: >= 1.07x at 128 rows); from ~256 rows MKL ties or wins.
+# Up to this many rows of x the C++ skinny GEMM serves float32 linears (it beat F.linear, MKL,
+# on every SmolLM2 and Qwen2-7B shape measured: 2 Zen 4 threads, >= 1.07x at 128 rows); more
+# rows go to the blocked kernel of quant.cpp (1.1 to 1.4x MKL at 512 rows).
 LINEAR_MAX_ROWS = 128
 
 
@@ -199,11 +200,13 @@ def beam_prune(
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """See `xllm.ops.reference.linear`: the C++ skinny GEMM for up to LINEAR_MAX_ROWS rows.
+    """See `xllm.ops.reference.linear`: the C++ skinny GEMM for up to LINEAR_MAX_ROWS rows,
+    the blocked kernel of the quantized formats (float32 rows as its "f32" format) for more.
 
     Kept thin (a decode step calls it once per projection, ~3 us here against ~2 us for
-    F.linear). Larger batches, other dtypes, non-contiguous tensors, tensors off the CPU
-    and K = 0 go to F.linear, which computes the same thing (or raises on bad shapes).
+    F.linear). Other dtypes, non-contiguous tensors, tensors off the CPU and K = 0 (or, past
+    LINEAR_MAX_ROWS, K not a multiple of 32) go to F.linear, which computes the same thing
+    (or raises on bad shapes).
     """
     n, k = weight.shape
     if (
@@ -217,17 +220,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     ):
         return F.linear(x, weight, bias)
     m = x.numel() // k
-    if m > LINEAR_MAX_ROWS:
-        return F.linear(x, weight, bias)
     if bias is not None:
         if bias.dtype is not _F32 or not bias.is_cpu or bias.shape != (n,):
             return F.linear(x, weight, bias)
         bias = bias.contiguous()
     out = torch.empty(m, n, dtype=_F32)  # int sizes: ~0.5 us cheaper than a tuple
-    _C.linear(
-        x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), out.data_ptr(),
-        m, n, k,
-    )  # fmt: skip
+    bias_ptr = 0 if bias is None else bias.data_ptr()
+    if m <= LINEAR_MAX_ROWS:
+        _C.linear(x.data_ptr(), weight.data_ptr(), bias_ptr, out.data_ptr(), m, n, k)
+    elif k % 32 == 0:
+        _C.quant_linear(x.data_ptr(), weight.data_ptr(), "f32", 4 * k, bias_ptr, out.data_ptr(),
+                        m, n, k)
+    else:
+        return F.linear(x, weight, bias)
     return out if x.dim() == 2 else out.view(*x.shape[:-1], n)
 
 
@@ -243,8 +248,8 @@ def _quant_rows(data: torch.Tensor, qtype: str) -> int:
 def quant_linear(
     x: torch.Tensor, data: torch.Tensor, qtype: str, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """See `xllm.ops.reference.quant_linear`: the rows unpacked in registers, up to
-    LINEAR_MAX_ROWS rows of x; more rows dequantize W once and go to F.linear (MKL).
+    """See `xllm.ops.reference.quant_linear`: the rows unpacked in registers, for any number
+    of rows of x (beats dequantizing into F.linear, MKL, at every size measured).
 
     Kept thin, like `linear` (a decode step calls it once per projection): the C++ side
     checks the format and that the rows hold x's K weights.
@@ -256,8 +261,6 @@ def quant_linear(
     _require_cpu_f32("x", x)
     n, k = data.shape[0], x.shape[-1]
     m = x.numel() // k if k else 0
-    if m > LINEAR_MAX_ROWS:
-        return F.linear(x, dequantize(data, qtype), bias)
     if bias is not None:
         _require_cpu_f32("bias", bias)
         if bias.shape != (n,):
