@@ -279,7 +279,11 @@ def serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no weights or files are fetched at run time
     config, server_conf = engine_config(args), server_config(args)
     logger.info("loading model %s", config.model)
-    engine = AsyncEngine(config)
+    try:
+        engine = AsyncEngine(config)
+    except (ValueError, FileNotFoundError) as error:  # a model or settings it cannot serve
+        logger.error("cannot serve %s: %s", config.model, error)
+        return 2
     try:
         engine.start()
         app = build_app(engine, server_conf)

@@ -66,3 +66,13 @@ def test_staging_on_cuda_reuses_pinned_buffers():
     assert second.tolist() == list(range(5)) and first.tolist() == list(range(300))
     staging("ids", np.arange(1000, dtype=np.int64))
     assert staging.buffers["ids"].numel() >= 1000
+
+
+@pytest.mark.skipif(not NO_CUDA, reason="this machine has a GPU")
+def test_serve_refuses_half_precision_on_the_cpu_at_startup(caplog):
+    """A clear error and exit status 2 before anything listens: never a server that says it
+    is healthy and fails every request."""
+    from xllm.cli import main
+
+    assert main(["serve", "--dtype", "bfloat16", "--port", "1"]) == 2
+    assert "not served on the CPU" in caplog.text
