@@ -95,7 +95,8 @@ if ! $PY -c "import xllm_triton, xllm.ops.cuda" >/dev/null 2>&1; then
     # No install: expose kernels/ under its package name and use the source tree as is.
     ln -s "$PWD/kernels" "$SHIM/xllm_triton"
     say "xllm is not installed: the source tree is used as is, the C++ kernel tests left out"
-    NO_CPP=(--ignore=tests/kernels/test_cpu_kernels.py --ignore=tests/kernels/test_cpu_linear.py)
+    NO_CPP=(--ignore=tests/kernels/test_cpu_kernels.py --ignore=tests/kernels/test_cpu_linear.py
+            --ignore=tests/kernels/test_cpu_quant.py --ignore=tests/kernels/test_cpu_fused.py)
 fi
 if ! $PY -c "import PIL.Image" >/dev/null 2>&1; then
     # No stand-in: transformers takes any importable PIL.Image for Pillow and then needs more.
