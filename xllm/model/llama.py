@@ -21,6 +21,15 @@ from xllm.ops.quant import QuantizedTensor, quantize_int8
 logger = logging.getLogger(__name__)
 
 
+def hold_quantized(module: nn.Module, weight: QuantizedTensor, shape: tuple[int, int]) -> None:
+    """Make `module` hold `weight` (a `qdata` buffer and `qtype`) instead of its float weight."""
+    if weight.shape != shape:
+        raise ValueError(f"quantized weight {weight.shape} for {type(module).__name__} {shape}")
+    module.weight = None
+    module.qtype = weight.qtype
+    module.register_buffer("qdata", weight.data)
+
+
 class Linear(nn.Linear):
     """nn.Linear whose product runs through `ops.linear` (the C++ skinny GEMM on the CPU),
     or through `ops.quant_linear` once `quantize` gave it quantized rows instead of weight."""
@@ -29,12 +38,7 @@ class Linear(nn.Linear):
 
     def quantize(self, weight: QuantizedTensor) -> None:
         """Serve `weight` (quantized rows [out, in]) from now on; the float weight is freed."""
-        if weight.shape != (self.out_features, self.in_features):
-            raise ValueError(f"quantized weight {weight.shape} for a linear of "
-                             f"{(self.out_features, self.in_features)}")
-        self.weight = None
-        self.qtype = weight.qtype
-        self.register_buffer("qdata", weight.data)
+        hold_quantized(self, weight, (self.out_features, self.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.qtype is not None:
@@ -48,12 +52,7 @@ class Embedding(nn.Embedding):
     qtype: str | None = None
 
     def quantize(self, weight: QuantizedTensor) -> None:
-        if weight.shape != (self.num_embeddings, self.embedding_dim):
-            raise ValueError(f"quantized table {weight.shape} for an embedding of "
-                             f"{(self.num_embeddings, self.embedding_dim)}")
-        self.weight = None
-        self.qtype = weight.qtype
-        self.register_buffer("qdata", weight.data)
+        hold_quantized(self, weight, (self.num_embeddings, self.embedding_dim))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows [..., dim]: float32 when quantized, else the table's dtype."""

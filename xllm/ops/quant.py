@@ -74,9 +74,6 @@ class QuantizedTensor:
     def shape(self) -> tuple[int, int]:
         return self.data.shape[0], quant_format(self.qtype).columns(self.data.shape[1])
 
-    def rows(self, index: torch.Tensor | slice) -> "QuantizedTensor":
-        return QuantizedTensor(self.qtype, self.data[index].contiguous())
-
 
 def quantize_int8(weight: torch.Tensor) -> QuantizedTensor:
     """Weight-only int8 with one scale per output row (symmetric, round to nearest)."""
