@@ -33,14 +33,22 @@ def test_generation_runs_the_cpp_kernels(smol_llm, monkeypatch):
 
         monkeypatch.setattr(module, name, counted)
 
+    names = ("paged_attention", "linear", "quant_linear", "dequantize", "rms_norm", "silu_mul",
+             "rotary_write_kv")
     for module in (xllm.ops.cpu._C, reference):
-        for name in ("paged_attention", "linear"):
+        for name in names:
             spy(module, name)
     params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
     (out,) = smol_llm.generate(["The capital of France is"], params)
     assert len(out.outputs[0].token_ids) == 2
-    # A prefill and a decode step, each through every layer's attention and projections.
-    assert calls["xllm._C", "paged_attention"] >= 2
-    assert calls["xllm._C", "linear"] >= 2 * calls["xllm._C", "paged_attention"]
-    assert calls["xllm.ops.reference", "paged_attention"] == 0
-    assert calls["xllm.ops.reference", "linear"] == 0
+    # A prefill and a decode step, each through every layer's attention, projections (the
+    # default model's are Q4_1), norms, activation and rotary embedding.
+    steps = calls["xllm._C", "paged_attention"]
+    assert steps >= 2
+    assert calls["xllm._C", "quant_linear"] >= 4 * steps
+    assert calls["xllm._C", "rms_norm"] >= 2 * steps
+    for name in ("silu_mul", "rotary_write_kv"):
+        assert calls["xllm._C", name] == steps, name
+    assert calls["xllm._C", "dequantize"] >= 2  # the Q8_0 embedding, once per step
+    for name in names:
+        assert calls["xllm.ops.reference", name] == 0, name
