@@ -68,6 +68,7 @@ from dataclasses import dataclass, field
 import torch
 
 from xllm import ops
+from xllm.config import EngineConfig
 from xllm.engine import llm_engine, sampler
 from xllm.engine.llm import LLM
 from xllm.engine.sampling_params import SamplingParams
@@ -454,7 +455,10 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     args = parser.parse_args()
     largest = max(args.batch)
-    llm = LLM(model=args.model, device="cpu", quantization=args.quantization,
+    # An older checkout (PYTHONPATH, for a before/after) may predate --quantization.
+    fields = EngineConfig.__annotations__
+    extra = {"quantization": args.quantization} if "quantization" in fields else {}
+    llm = LLM(model=args.model, device="cpu", **extra,
               num_threads=args.threads, max_num_seqs=max(64, largest),
               max_num_batched_tokens=max(512, largest * PROMPT_TOKENS))
     model = llm.engine.runner.model
