@@ -277,31 +277,21 @@ def install(llm: LLM, profiler: Profiler, vocab: int) -> Patcher:
             return "lm_head"
         return f"linear:{name or 'other'}"
 
-    p.patch(ops, "linear", lambda f: kernel(f, by_weight), "ops.linear",
-            (llama, "ops.linear("))
-    p.patch(ops, "quant_linear", lambda f: kernel(f, by_weight), "ops.quant_linear",
-            (llama, "ops.quant_linear("))
-    p.patch(ops, "paged_attention", lambda f: kernel(f, "attention"), "ops.paged_attention",
-            (llama, "ops.paged_attention("))
-    p.patch(ops, "write_kv", lambda f: kernel(f, "kv_write"), "ops.write_kv",
-            (llama, "ops.write_kv("))
-    p.patch(ops, "rotary_write_kv", lambda f: kernel(f, "rotary_kv"), "ops.rotary_write_kv",
-            (llama, "ops.rotary_write_kv("))
-    p.patch(llama, "rotate", lambda f: kernel(f, "rotary"), "xllm.model.llama.rotate",
-            (llama, r"(?<!def )\brotate\("))
-    p.patch(ops, "rms_norm", lambda f: kernel(f, "norm"), "ops.rms_norm",
-            (llama, "ops.rms_norm("))
-    # torch.nn.functional itself: llama.py has called it as F (and may stop importing it).
-    p.patch(torch.nn.functional, "rms_norm", lambda f: kernel(f, "norm"),
-            "torch.nn.functional.rms_norm", (llama, r"(?:\bF|functional)\.rms_norm\("))
-    p.patch(ops, "silu_mul", lambda f: kernel(f, "activation"), "ops.silu_mul",
-            (llama, "ops.silu_mul("))
-    p.patch(torch.nn.functional, "silu", lambda f: kernel(f, "activation"),
-            "torch.nn.functional.silu", (llama, r"(?:\bF|functional)\.silu\("))
-    p.patch(ops, "dequantize", lambda f: kernel(f, "embedding"), "ops.dequantize",
-            (llama, "ops.dequantize("))
+    # The kernels of xllm.ops that llama.py calls, by category.
+    for name, category in (("linear", by_weight), ("quant_linear", by_weight),
+                           ("paged_attention", "attention"), ("write_kv", "kv_write"),
+                           ("rotary_write_kv", "rotary_kv"), ("rms_norm", "norm"),
+                           ("silu_mul", "activation"), ("dequantize", "embedding")):
+        p.patch(ops, name, lambda f, c=category: kernel(f, c), f"ops.{name}",
+                (llama, f"ops.{name}("))
     p.patch(ops, "topk_logprobs", lambda f: kernel(f, "topk"), "ops.topk_logprobs",
             (sampler, "ops.topk_logprobs("))
+    p.patch(llama, "rotate", lambda f: kernel(f, "rotary"), "xllm.model.llama.rotate",
+            (llama, r"(?<!def )\brotate\("))
+    # torch.nn.functional itself: llama.py has called it as F (and may stop importing it).
+    for name, category in (("rms_norm", "norm"), ("silu", "activation")):
+        p.patch(torch.nn.functional, name, lambda f, c=category: kernel(f, c),
+                f"torch.nn.functional.{name}", (llama, rf"(?:\bF|functional)\.{name}\("))
     # The runner calls self.model(...) (nn.Module.__call__ reads self.forward) and
     # self.model.logits(...): instance attributes shadow the class's methods.
     p.patch(model, "forward", lambda f: region(f, "model"), "model.forward",

@@ -25,9 +25,6 @@ namespace {
 constexpr int kNR = 4;              // W rows per tile
 constexpr int kMR = 4;              // most x rows per register block (kNR * kMR accumulators)
 constexpr int64_t kPrefetchTiles = 2;  // prefetch distance, in tiles
-// Below this many multiply-adds one thread does it all (waking the team costs more;
-// measured break-even ~70k, e.g. M = 1, K = 576, N = 128).
-constexpr int64_t kParallelMinWork = 1 << 16;
 
 inline VecF fmadd(VecF a, VecF b, VecF c) {
 #if defined(XLLM_ISA_AVX512)
@@ -152,8 +149,6 @@ void rows_range(const float* x, const float* w, const float* bias, float* y, int
 
 }  // namespace
 
-constexpr int64_t kChunksPerThread = 8;
-
 void linear(const float* x, const float* weight, const float* bias, float* y, int64_t M,
             int64_t N, int64_t K) {
   if (M < 0 || N < 0 || K < 0) throw std::invalid_argument("linear: negative size");
@@ -163,18 +158,9 @@ void linear(const float* x, const float* weight, const float* bias, float* y, in
       for (int64_t n = 0; n < N; ++n) y[m * N + n] = bias != nullptr ? bias[n] : 0.0f;
     return;
   }
-  const int64_t tiles = N / kNR;
-  const bool parallel = omp_get_max_threads() > 1 && tiles > 1 && M * N * K >= kParallelMinWork;
-  // Chunks of whole tiles, handed out dynamically: a thread that loses its core for a
-  // while (the HTTP thread, the client) no longer holds the others up at the join.
-  const int64_t threads = parallel ? omp_get_max_threads() : 1;
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(tiles, threads * kChunksPerThread));
-#pragma omp parallel for schedule(dynamic, 1) if (parallel)
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t n0 = tiles * c / chunks * kNR;
-    const int64_t n1 = c == chunks - 1 ? N : tiles * (c + 1) / chunks * kNR;
+  for_row_chunks(N, kNR, M * N * K, [&](int64_t n0, int64_t n1) {
     rows_range(x, weight, bias, y, M, N, K, n0, n1);
-  }
+  });
 }
 
 }  // namespace xllm::XLLM_ISA

@@ -33,8 +33,6 @@ constexpr int kUnit = 32;           // weights unpacked at a time
 constexpr int kV = kUnit / kW;      // vectors per unit
 constexpr int kNR = 4;              // W rows per tile
 constexpr int kMR = kW == 16 ? 4 : 2;  // x rows per register block
-constexpr int64_t kParallelMinWork = 1 << 16;
-constexpr int64_t kChunksPerThread = 8;
 constexpr int64_t kPrefetchTiles = 2;  // prefetch distance, in tiles
 
 typedef float VF __attribute__((vector_size(kW * 4)));
@@ -318,16 +316,9 @@ void rows_range(const float* x, const uint8_t* w, int64_t row_bytes, const float
 template <int F>
 void linear_format(const float* x, const uint8_t* w, int64_t row_bytes, const float* bias,
                    float* y, int64_t M, int64_t N, int64_t K) {
-  const int64_t tiles = N / kNR;
-  const bool parallel = omp_get_max_threads() > 1 && tiles > 1 && M * N * K >= kParallelMinWork;
-  const int64_t threads = parallel ? omp_get_max_threads() : 1;
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(tiles, threads * kChunksPerThread));
-#pragma omp parallel for schedule(dynamic, 1) if (parallel)
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t n0 = tiles * c / chunks * kNR;
-    const int64_t n1 = c == chunks - 1 ? N : tiles * (c + 1) / chunks * kNR;
+  for_row_chunks(N, kNR, M * N * K, [&](int64_t n0, int64_t n1) {
     rows_range<F>(x, w, row_bytes, bias, y, M, N, K, n0, n1);
-  }
+  });
 }
 
 template <int F>

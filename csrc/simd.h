@@ -13,6 +13,9 @@
 // times slower than AVX-512 (they need a lane width of their own to be fast).
 #pragma once
 
+#include <omp.h>
+
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 
@@ -118,6 +121,29 @@ struct Prefetch {
     for (int i = 0; i < per_step && next < end; ++i, next += 64) __builtin_prefetch(next, 0, 2);
   }
 };
+
+// Below this many multiply-adds one thread does a whole GEMM (waking the team costs more;
+// measured break-even ~70k, e.g. M = 1, K = 576, N = 128).
+constexpr int64_t kParallelMinWork = 1 << 16;
+
+// fn(n0, n1) over the W rows [0, N) of a GEMM of `work` multiply-adds, in chunks of whole
+// tiles of `tile` rows (the last chunk also takes the rows past the last whole tile), handed
+// out dynamically: a thread that loses its core for a while (the HTTP thread, the client)
+// no longer holds the others up at the join.
+template <typename Fn>
+inline void for_row_chunks(int64_t N, int64_t tile, int64_t work, Fn fn) {
+  constexpr int64_t kChunksPerThread = 8;
+  const int64_t tiles = N / tile;
+  const bool parallel = omp_get_max_threads() > 1 && tiles > 1 && work >= kParallelMinWork;
+  const int64_t threads = parallel ? omp_get_max_threads() : 1;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(tiles, threads * kChunksPerThread));
+#pragma omp parallel for schedule(dynamic, 1) if (parallel)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t n0 = tiles * c / chunks * tile;
+    const int64_t n1 = c == chunks - 1 ? N : tiles * (c + 1) / chunks * tile;
+    fn(n0, n1);
+  }
+}
 
 // 2^x per lane, relative error about 2e-7; exactly 0 for x <= -127 (and for -inf).
 inline VecF exp2v(VecF x) {

@@ -8,35 +8,18 @@ written to the V cache and residual sums must match exactly.
 """
 
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    # Only effective if triton is not imported yet (transformers imports it): a suite that
-    # imports transformers first should set this in tests/conftest.py.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-    if os.environ["TRITON_INTERPRET"] != "1":
-        pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
-triton = pytest.importorskip("triton")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the helpers here
+from triton_backend import CUDA, DEVICE, DTYPES, TOL  # noqa: E402  (sets TRITON_INTERPRET)
 
 from xllm import ops  # noqa: E402
 from xllm.ops import cuda as tri  # noqa: E402
 from xllm.ops import reference as ref  # noqa: E402
 
-if not CUDA and not tri.INTERPRETED:
-    pytest.skip(
-        "triton was imported before TRITON_INTERPRET=1 was set; set it before the first import "
-        "(tests/conftest.py) to run the Triton kernels on the CPU",
-        allow_module_level=True,
-    )
-
-DEVICE = "cuda" if CUDA else "cpu"
-DTYPES = [torch.float32] + ([torch.float16, torch.bfloat16] if CUDA else [])
-TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 PAD = 8  # extra columns of each strided view's rows
 
 
@@ -335,17 +318,14 @@ def test_bad_input():
 # ---------------------------------------------------------------- compiled for sm_90, without a GPU
 
 AOT_SCRIPT = r"""
-import contextlib, sys
+import sys
 import torch
 import xllm.ops.cuda as tri
 import triton_aot as aot
 
 assert not tri.INTERPRETED
 names = ("rms_norm_kernel", "silu_mul_kernel", "rotary_write_kv_kernel")
-recorders = [aot.LaunchRecorder(getattr(tri, name)) for name in names]
-for name, recorder in zip(names, recorders):
-    setattr(tri, name, recorder)
-tri._launch_context = lambda tensor: contextlib.nullcontext()
+recorders = aot.record(tri, names)
 bf16, f16, f32 = torch.bfloat16, torch.float16, torch.float32
 
 def rotary(dtype, cos_dtype, slot_dtype, tokens, heads, kv_heads, head_size):
@@ -369,23 +349,7 @@ rotary(bf16, f32, torch.int64, 64, 28, 4, 128)  # Qwen2-7B
 rotary(f16, f16, torch.int32, 7, 9, 3, 64)  # SmolLM2
 rotary(f32, f32, torch.int64, 3, 14, 2, 64)
 
-failed = 0
-for recorder in recorders:
-    assert recorder.launches, recorder.kernel
-    for launch in recorder.launches:
-        shown = {k: v for k, v in launch.kwargs.items() if k.isupper()}
-        try:
-            compiled = aot.compile_launch(launch)
-        except Exception as error:
-            failed += 1
-            print(f"FAIL {launch.kernel.__name__} {shown}: {type(error).__name__}: {error}")
-            continue
-        usage = aot.ptxas_usage(compiled)
-        print(f"ok {launch.kernel.__name__} {shown}: {usage}")
-        if " 0 B spilled" not in usage and "unavailable" not in usage:
-            failed += 1
-            print("  spills registers")
-sys.exit(1 if failed else 0)
+sys.exit(1 if aot.compile_recorded(recorders, spills_fail=True) else 0)
 """
 
 
@@ -394,15 +358,9 @@ def test_fused_kernels_compile_for_hopper():
     # The interpreter checks neither types nor shape limits of compiled Triton: compile each
     # kernel, as the wrappers launch it, for sm_90.
     pytest.importorskip("triton.backends.nvidia")
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    run = subprocess.run(
-        [sys.executable, "-c", AOT_SCRIPT],
-        cwd=os.path.dirname(os.path.abspath(__file__)),  # the folder of triton_aot.py
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    import triton_aot
+
+    run = triton_aot.run_script(AOT_SCRIPT)
     print(run.stdout)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert run.stdout.count("ok ") == 10

@@ -7,38 +7,19 @@ Tolerances: float32 1e-4 (absolute and relative), float16 1e-2, bfloat16 2e-2
 """
 
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    # Only effective if triton is not imported yet (transformers imports it): a suite that
-    # imports transformers first should set this in tests/conftest.py.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-    if os.environ["TRITON_INTERPRET"] != "1":
-        pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
-triton = pytest.importorskip("triton")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the helpers here
+from block_copies import bits, block_pairs  # noqa: E402
+from triton_backend import CUDA, DEVICE, DTYPES, TOL  # noqa: E402  (sets TRITON_INTERPRET)
 
 from xllm import ops  # noqa: E402
 from xllm.ops import cuda as tri  # noqa: E402
 from xllm.ops import reference as ref  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # block_copies
-from block_copies import bits, block_pairs  # noqa: E402
-
-if not CUDA and not tri.INTERPRETED:
-    pytest.skip(
-        "triton was imported before TRITON_INTERPRET=1 was set; set it before the first import "
-        "(tests/conftest.py) to run the Triton kernels on the CPU",
-        allow_module_level=True,
-    )
-
-DEVICE = "cuda" if CUDA else "cpu"
-DTYPES = [torch.float32] + ([torch.float16, torch.bfloat16] if CUDA else [])
-TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 NEG_INF = float("-inf")
 
 
@@ -375,7 +356,7 @@ def test_beam_prune_many_candidates():
 # ---------------------------------------------------------------- compiled for sm_90, without a GPU
 
 AOT_SCRIPT = r"""
-import contextlib, sys
+import sys
 import torch
 import xllm.ops.cuda as tri
 import triton_aot as aot
@@ -384,10 +365,7 @@ assert not tri.INTERPRETED
 names = ("paged_attention_kernel", "reduce_splits_kernel", "write_kv_kernel",
          "chunk_stats_kernel", "chunk_topk_kernel", "merge_topk_kernel", "beam_prune_kernel",
          "copy_blocks_kernel")
-recorders = [aot.LaunchRecorder(getattr(tri, name)) for name in names]
-for name, recorder in zip(names, recorders):
-    setattr(tri, name, recorder)
-tri._launch_context = lambda tensor: contextlib.nullcontext()
+recorders = aot.record(tri, names)
 
 def attention(dtype, num_seqs, q_len, heads, kv_heads, head_size, block_size, **launch):
     q = torch.zeros(num_seqs * q_len, heads, head_size, dtype=dtype)
@@ -412,19 +390,7 @@ tri.topk_logprobs(logits, 20, torch.zeros(4, dtype=torch.long))
 tri.beam_prune(torch.zeros(64, 8), torch.zeros(64, 8, 16, dtype=torch.long),
                torch.zeros(64, 8, 16), 16)
 
-failed = 0
-for recorder in recorders:
-    assert recorder.launches, recorder.kernel
-    for launch in recorder.launches:
-        shown = {k: v for k, v in launch.kwargs.items() if k.isupper() and k != "PRECISION"}
-        try:
-            compiled = aot.compile_launch(launch)
-        except Exception as error:
-            failed += 1
-            print(f"FAIL {launch.kernel.__name__} {shown}: {type(error).__name__}: {error}")
-            continue
-        print(f"ok {launch.kernel.__name__} {shown}: {aot.ptxas_usage(compiled)}")
-sys.exit(1 if failed else 0)
+sys.exit(1 if aot.compile_recorded(recorders, hidden=("PRECISION",)) else 0)
 """
 
 
@@ -433,15 +399,9 @@ def test_kernels_compile_for_hopper():
     # The interpreter checks neither types nor shape limits of compiled Triton: compile every
     # kernel, as the wrappers launch it, for sm_90 (about 50 s cold, 10 s from Triton's cache).
     pytest.importorskip("triton.backends.nvidia")
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    run = subprocess.run(
-        [sys.executable, "-c", AOT_SCRIPT],
-        cwd=os.path.dirname(os.path.abspath(__file__)),  # the folder of triton_aot.py
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    import triton_aot
+
+    run = triton_aot.run_script(AOT_SCRIPT)
     print(run.stdout)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert run.stdout.count("ok ") == 12

@@ -8,38 +8,20 @@ dequantize matches the reference within 1e-6 (exactly when interpreted).
 """
 
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    # Only effective if triton is not imported yet (transformers imports it): a suite that
-    # imports transformers first should set this in tests/conftest.py.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-    if os.environ["TRITON_INTERPRET"] != "1":
-        pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
-triton = pytest.importorskip("triton")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the helpers here
+from quant_data import random_rows  # noqa: E402
+from triton_backend import CUDA, DEVICE, TOL  # noqa: E402  (sets TRITON_INTERPRET)
 
 from xllm import ops  # noqa: E402
 from xllm.ops import cuda as tri  # noqa: E402
 from xllm.ops import reference as ref  # noqa: E402
 from xllm.ops.quant import FORMATS  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # quant_data
-from quant_data import random_rows  # noqa: E402
-
-if not CUDA and not tri.INTERPRETED:
-    pytest.skip(
-        "triton was imported before TRITON_INTERPRET=1 was set; set it before the first import "
-        "(tests/conftest.py) to run the Triton kernels on the CPU",
-        allow_module_level=True,
-    )
-
-DEVICE = "cuda" if CUDA else "cpu"
-TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 QTYPES = list(FORMATS)
 K_SIZES = {q: [256, 512] if FORMATS[q].block == 256 else [32, 96, 576] for q in QTYPES}
 N_SIZES = [1, 7, 33, 100]
@@ -200,7 +182,7 @@ def test_bad_input():
 # ---------------------------------------------------------------- compiled for sm_90, without a GPU
 
 AOT_SCRIPT = r"""
-import contextlib, sys
+import sys
 import torch
 import xllm.ops.cuda as tri
 import triton_aot as aot
@@ -208,10 +190,7 @@ from quant_data import random_rows
 
 assert not tri.INTERPRETED
 names = ("quant_linear_kernel", "dequantize_kernel")
-recorders = [aot.LaunchRecorder(getattr(tri, name)) for name in names]
-for name, recorder in zip(names, recorders):
-    setattr(tri, name, recorder)
-tri._launch_context = lambda tensor: contextlib.nullcontext()
+recorders = aot.record(tri, names)
 
 gen = torch.Generator().manual_seed(0)
 for qtype in ("q8_0", "q4_0", "q4_1", "q4_k", "q6_k", "int8"):
@@ -221,23 +200,7 @@ for qtype in ("q8_0", "q4_0", "q4_1", "q4_k", "q6_k", "int8"):
     tri.quant_linear(torch.zeros(32, 4096), data, qtype)  # float32: ieee tl.dot
     tri.dequantize(data, qtype, torch.tensor([3, 1]))
 
-failed = 0
-for recorder in recorders:
-    assert recorder.launches, recorder.kernel
-    for launch in recorder.launches:
-        shown = {k: v for k, v in launch.kwargs.items() if k.isupper()}
-        try:
-            compiled = aot.compile_launch(launch)
-        except Exception as error:
-            failed += 1
-            print(f"FAIL {launch.kernel.__name__} {shown}: {type(error).__name__}: {error}")
-            continue
-        usage = aot.ptxas_usage(compiled)
-        print(f"ok {launch.kernel.__name__} {shown}: {usage}")
-        if " 0 B spilled" not in usage and "unavailable" not in usage:
-            failed += 1
-            print("  spills registers")
-sys.exit(1 if failed else 0)
+sys.exit(1 if aot.compile_recorded(recorders, spills_fail=True) else 0)
 """
 
 
@@ -246,15 +209,9 @@ def test_quant_kernels_compile_for_hopper():
     # The interpreter checks neither types nor shape limits of compiled Triton: compile each
     # format's kernels, as the wrappers launch them, for sm_90 (about 15 s cold).
     pytest.importorskip("triton.backends.nvidia")
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    run = subprocess.run(
-        [sys.executable, "-c", AOT_SCRIPT],
-        cwd=os.path.dirname(os.path.abspath(__file__)),  # the folder of triton_aot.py
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    import triton_aot
+
+    run = triton_aot.run_script(AOT_SCRIPT)
     print(run.stdout)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert run.stdout.count("ok ") == 24

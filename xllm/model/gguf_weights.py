@@ -96,7 +96,10 @@ def _field_str(reader: GGUFReader, key: str) -> str | None:
 
 def gguf_quant_types(path: Path) -> dict[str, int]:
     """How many tensors of each GGUF type (e.g. {"Q4_1": 210, "F32": 61}) the file holds."""
-    reader = GGUFReader(path)
+    return _type_counts(GGUFReader(path))
+
+
+def _type_counts(reader: GGUFReader) -> dict[str, int]:
     return dict(Counter(t.tensor_type.name for t in reader.tensors).most_common())
 
 
@@ -110,6 +113,7 @@ def iterate_gguf_weights(
     Tensors without a Hugging Face name (rope_freqs) are skipped.
     """
     reader = GGUFReader(path)
+    logger.info("%s: tensors by format: %s", Path(path).name, _type_counts(reader))
     arch = _field_str(reader, "general.architecture")
     permute = arch == "llama" or model_type in PERMUTED_MODEL_TYPES
     heads = {"attn_q": num_heads, "attn_k": num_kv_heads}

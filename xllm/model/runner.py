@@ -30,7 +30,7 @@ from xllm.model.config import ARCHITECTURES
 from xllm.model.context import AttentionContext, set_context
 from xllm.model.cuda_graphs import DecodeGraphs
 from xllm.model.device import Staging, free_gpu_memory, resolve_device, resolve_dtype
-from xllm.model.gguf_weights import gguf_quant_types, iterate_gguf_weights
+from xllm.model.gguf_weights import iterate_gguf_weights
 from xllm.model.llama import quantize_linears
 from xllm.model.loader import gguf_source, iterate_weights
 
@@ -84,7 +84,6 @@ class ModelRunner:
         model = ARCHITECTURES[self.hf_config.model_type](self.hf_config, self.max_model_len)
         gguf = gguf_source(self.config.model)
         if gguf is not None and self.config.quantization == "auto":
-            logger.info("weights served in the file's formats: %s", gguf_quant_types(gguf))
             text = self.hf_config.get_text_config()
             model.load_weights(iterate_gguf_weights(
                 gguf, text.model_type, text.num_attention_heads, text.num_key_value_heads))

@@ -254,10 +254,9 @@ def quant_linear(
     Kept thin, like `linear` (a decode step calls it once per projection): the C++ side
     checks the format and that the rows hold x's K weights.
     """
-    if data.dtype is not torch.uint8 or data.dim() != 2 or not data.is_cpu:
+    if data.dtype is not torch.uint8 or data.dim() != 2 or not data.is_cpu \
+            or not data.is_contiguous():
         _quant_rows(data, qtype)  # raises
-    if not data.is_contiguous():
-        raise ValueError("quantized rows must be contiguous")
     _require_cpu_f32("x", x)
     n, k = data.shape[0], x.shape[-1]
     m = x.numel() // k if k else 0
