@@ -22,6 +22,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 ALLOWED_ORIGIN = "http://allowed.example"
 MAX_BYTES = 64 * 1024
 BODY_TIMEOUT_S = 1.0
+STEP_DELAY_S = 0.025
 CHAT = "/v1/chat/completions"
 GENERATED_ID = re.compile(r"req-[0-9a-f]{32}")
 
@@ -299,8 +300,16 @@ def test_slow_body_is_408(server, framing):
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
-def test_request_longer_than_body_timeout_is_not_cut(server, stream):
+def test_request_longer_than_body_timeout_is_not_cut(server, stream, monkeypatch):
     wait_idle(server)
+    engine = server.engine.engine
+    step = engine.step
+
+    def slow_step():  # 120 steps then outlast 2 body timeouts on any host
+        time.sleep(STEP_DELAY_S)
+        return step()
+
+    monkeypatch.setattr(engine, "step", slow_step)
     body = chat(max_tokens=120, ignore_eos=True, stream=stream)
     start = time.monotonic()
     resp = requests.post(url(server, CHAT), json=body, headers=AUTH, timeout=300, stream=stream)
