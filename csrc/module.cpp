@@ -11,7 +11,10 @@
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
+#include <tuple>
+#include <vector>
 
+#include "decoder.h"
 #include "kernels.h"
 
 namespace py = pybind11;
@@ -21,6 +24,33 @@ namespace {
 template <typename T>
 T* ptr(uintptr_t p) {
   return reinterpret_cast<T*>(p);
+}
+
+// (weight, format name, row bytes, bias or 0, N, K) from Python.
+using LinearSpec = std::tuple<uintptr_t, std::string, int64_t, uintptr_t, int64_t, int64_t>;
+// (input norm, qkv, o, post-attention norm, gate_up, down).
+using LayerSpec =
+    std::tuple<uintptr_t, LinearSpec, LinearSpec, uintptr_t, LinearSpec, LinearSpec>;
+
+xllm::LinearWeights linear_weights(const LinearSpec& spec) {
+  const auto& [weight, format, row_bytes, bias, n, k] = spec;
+  return {ptr<const void>(weight), xllm::quant_format(format), row_bytes, ptr<const float>(bias),
+          n, k};
+}
+
+xllm::DecoderStack make_stack(int64_t hidden, int64_t heads, int64_t kv_heads,
+                              int64_t head_size, int64_t intermediate, double eps, double scale,
+                              const std::vector<LayerSpec>& layers, int64_t linear_max_rows) {
+  std::vector<xllm::LayerWeights> weights;
+  for (const auto& [input_norm, qkv, o, post_norm, gate_up, down] : layers)
+    weights.push_back({ptr<const float>(input_norm), linear_weights(qkv), linear_weights(o),
+                       ptr<const float>(post_norm), linear_weights(gate_up),
+                       linear_weights(down)});
+  const xllm::DecoderShape shape{hidden,       heads,
+                                 kv_heads,     head_size,
+                                 intermediate, static_cast<float>(eps),
+                                 static_cast<float>(scale)};
+  return xllm::DecoderStack(shape, std::move(weights), linear_max_rows);
 }
 
 }  // namespace
@@ -139,6 +169,36 @@ PYBIND11_MODULE(_C, m) {
       },
       py::call_guard<py::gil_scoped_release>(),
       "Rotary of q and k in place, then k and v into the cache; see xllm.ops.reference.");
+  py::class_<xllm::DecoderStack>(m, "DecoderStack",
+                                 "Every decoder layer of a Llama / Qwen2 model in one call.")
+      .def(py::init(&make_stack))
+      .def(
+          "run",
+          [](xllm::DecoderStack& stack, uintptr_t x, uintptr_t out, int64_t T, uintptr_t cos,
+             uintptr_t sin, uintptr_t slots, bool slots_int64, uintptr_t query_start_loc,
+             uintptr_t seq_lens, uintptr_t block_tables, int64_t num_seqs, int64_t max_blocks,
+             int64_t block_size, int64_t num_slots, const std::vector<uintptr_t>& k_caches,
+             const std::vector<uintptr_t>& v_caches) {
+            xllm::DecoderStep step{T,
+                                   ptr<const float>(cos),
+                                   ptr<const float>(sin),
+                                   ptr<const void>(slots),
+                                   slots_int64,
+                                   ptr<const int32_t>(query_start_loc),
+                                   ptr<const int32_t>(seq_lens),
+                                   ptr<const int32_t>(block_tables),
+                                   num_seqs,
+                                   max_blocks,
+                                   block_size,
+                                   num_slots,
+                                   {},
+                                   {}};
+            for (uintptr_t p : k_caches) step.k_caches.push_back(ptr<float>(p));
+            for (uintptr_t p : v_caches) step.v_caches.push_back(ptr<float>(p));
+            py::gil_scoped_release release;
+            stack.run(step, ptr<const float>(x), ptr<float>(out));
+          },
+          "out [T, hidden] = the decoder layers on x [T, hidden] (see xllm.ops.cpu).");
   m.def("supported_isas", &xllm::supported_isas,
         "Instruction-set variants of the SIMD kernels this CPU runs, slowest first.");
   m.def("set_isa", &xllm::set_isa, "Run the named variant from now on (ValueError if unsupported).");

@@ -16,6 +16,7 @@ from torch import nn
 
 from xllm import ops
 from xllm.model.context import get_context
+from xllm.ops.decoder import DecoderShape, LayerWeights, LinearWeights
 from xllm.ops.quant import QuantizedTensor, quantize_int8
 
 logger = logging.getLogger(__name__)
@@ -223,6 +224,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self._stack = None  # (backend, its decoder-stack kernel or None), see _decoder_stack
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.decode(self.embed(input_ids), positions)
@@ -232,13 +234,42 @@ class LlamaForCausalLM(nn.Module):
         return self.embed_tokens(input_ids).to(self.norm.weight.dtype)
 
     def decode(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Hidden states of the input embeddings x [T, hidden] at their positions."""
+        """Hidden states of the input embeddings x [T, hidden] at their positions: in one
+        call where x's backend has a decoder-stack kernel, else layer by layer."""
         cos, sin = self.rotary.lookup(positions)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        stack = self._decoder_stack(x)
+        if stack is not None:
+            ctx = get_context()
+            return stack(x, cos, sin, ctx.slot_mapping, ctx.query_start_loc, ctx.seq_lens,
+                         ctx.block_tables, ctx.kv_caches)
         residual = None
         for layer in self.layers:
             x, residual = layer.forward(x, residual, cos, sin)
         return x + residual
+
+    def _decoder_stack(self, x: torch.Tensor):
+        """The decoder-stack kernel of x's backend (None where it has none), built on first
+        use; weights loaded later (`load_weights`) start over."""
+        backend = ops.backend_for(x)
+        if self._stack is None or self._stack[0] is not backend:
+            self._stack = (backend, ops.decoder_stack(x, self._shape(), self._layer_weights()))
+        return self._stack[1]
+
+    def _shape(self) -> DecoderShape:
+        attn, config = self._attn(0), self.config
+        return DecoderShape(config.hidden_size, attn.num_heads, attn.num_kv_heads, attn.head_dim,
+                            self.layers[0].mlp.intermediate, config.rms_norm_eps, attn.scale)
+
+    def _layer_weights(self) -> list[LayerWeights]:
+        def weights(linear: Linear) -> LinearWeights:
+            weight = linear.weight if linear.qtype is None else linear.qdata
+            return LinearWeights(weight, linear.qtype, linear.bias, linear.in_features)
+
+        return [LayerWeights(layer.input_layernorm.weight, weights(layer.self_attn.qkv_proj),
+                             weights(layer.self_attn.o_proj), layer.post_attention_layernorm.weight,
+                             weights(layer.mlp.gate_up_proj), weights(layer.mlp.down_proj))
+                for layer in self.layers]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden))
@@ -251,6 +282,7 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights) -> None:
         """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up. `QuantizedTensor`s
         stay quantized (see `_load_quantized`)."""
+        self._stack = None
         params = dict(self.named_parameters())  # a tied lm_head is the embedding's parameter
         missing = set()
         for name in params:

@@ -119,3 +119,11 @@ def rotary_write_kv(qkv, cos, sin, num_heads, num_kv_heads, k_cache, v_cache, sl
     return backend_for(qkv).rotary_write_kv(
         qkv, cos, sin, num_heads, num_kv_heads, k_cache, v_cache, slot_mapping
     )
+
+
+def decoder_stack(x, shape, layers):
+    """Every decoder layer in one call, on the backend that serves x, where it has such a
+    kernel for these weights (`cpu.decoder_stack`); None elsewhere: the caller runs the layers
+    one by one, which is the stack's reference. See `xllm.ops.decoder` for the arguments."""
+    build = getattr(backend_for(x), "decoder_stack", None)
+    return None if build is None else build(shape, layers)

@@ -9,6 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from xllm.ops.decoder import DecoderShape, LayerWeights, LinearWeights
 from xllm.ops.quant import quant_format
 
 try:
@@ -364,3 +365,108 @@ def rotary_write_kv(
         head_size, k_cache.data_ptr(), v_cache.data_ptr(), slot_mapping.data_ptr(),
         slot_mapping.dtype == torch.int64, num_blocks * block_size,
     )  # fmt: skip
+
+
+def decoder_stack(shape: DecoderShape, layers: list[LayerWeights]) -> "DecoderStack | None":
+    """A `DecoderStack` of these weights, or None where its kernel does not take them (not
+    float32 on the CPU, or float rows whose K is not a multiple of 32)."""
+    tensors = [t for layer in layers for t in (layer.input_norm, layer.post_norm)]
+    linears = [w for layer in layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+    tensors += [w.bias for w in linears if w.bias is not None]
+    tensors += [w.weight for w in linears if w.qtype is None]
+    if any(t.dtype is not _F32 or not t.is_cpu for t in tensors):
+        return None
+    if any(w.qtype is None and w.in_features % 32 for w in linears):
+        return None
+    return DecoderStack(shape, layers)
+
+
+class DecoderStack:
+    """Every decoder layer in one C++ call (csrc/decoder.cpp): the kernels of a layer run back
+    to back without Python, tensor allocations or the GIL between them; the hidden states
+    equal the layer-by-layer path's bit for bit. Holds raw pointers to the weights: build
+    a new one when they are replaced."""
+
+    def __init__(self, shape: DecoderShape, layers: list[LayerWeights]):
+        self.shape = shape
+        self._keep = layers  # the weights whose pointers the C++ side holds
+        specs = [(self._vector(l.input_norm, shape.hidden), self._linear(l.qkv),
+                  self._linear(l.o), self._vector(l.post_norm, shape.hidden),
+                  self._linear(l.gate_up), self._linear(l.down)) for l in layers]
+        self._stack = _C.DecoderStack(*shape, specs, LINEAR_MAX_ROWS)
+
+    @staticmethod
+    def _vector(t: torch.Tensor, size: int) -> int:
+        _require_cpu_f32("norm weight", t)
+        if t.shape != (size,) or not t.is_contiguous():
+            raise ValueError(f"norm weights must be contiguous [{size}]")
+        return t.data_ptr()
+
+    @staticmethod
+    def _linear(w: LinearWeights) -> tuple:
+        n, k = w.weight.shape[0], w.in_features
+        if w.qtype is None:  # float rows, the formats' "f32" past LINEAR_MAX_ROWS
+            _require_cpu_f32("weight", w.weight)
+            if w.weight.shape != (n, k) or not w.weight.is_contiguous() or k % 32:
+                raise ValueError("float rows must be contiguous [N, K], K a multiple of 32")
+            qtype, row_bytes = "f32", 4 * k
+        else:
+            if _quant_rows(w.weight, w.qtype) != k:
+                raise ValueError(f"{w.qtype} rows do not hold {k} weights")
+            qtype, row_bytes = w.qtype, w.weight.shape[1]
+        bias = 0
+        if w.bias is not None:
+            _require_cpu_f32("bias", w.bias)
+            if w.bias.shape != (n,) or not w.bias.is_contiguous():
+                raise ValueError(f"bias must be a contiguous [{n}]")
+            bias = w.bias.data_ptr()
+        return w.weight.data_ptr(), qtype, row_bytes, bias, n, k
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        query_start_loc: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_tables: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        """Hidden states [T, hidden] (last layer's output plus the residual stream) of the
+        input embeddings x [T, hidden]; arguments as `AttentionContext` holds them."""
+        shape = self.shape
+        tokens = x.shape[0]
+        _require_cpu_f32("x", x)
+        if x.shape != (tokens, shape.hidden):
+            raise ValueError(f"x must be [T, {shape.hidden}]")
+        for name, t in (("cos", cos), ("sin", sin)):
+            _require_cpu_f32(name, t)
+            if t.shape != (tokens, shape.head_size // 2) or not t.is_contiguous():
+                raise ValueError(f"{name} must be a contiguous [T, D / 2]")
+        if slot_mapping.shape != (tokens,) or slot_mapping.dtype not in _INDEX_DTYPES:
+            raise ValueError("slot_mapping must be an int32 or int64 [T]")
+        query_start_loc, seq_lens = _int32(query_start_loc), _int32(seq_lens)
+        block_tables = _int32(block_tables)
+        num_seqs = seq_lens.shape[0]
+        if query_start_loc.shape != (num_seqs + 1,) or block_tables.shape[0] != num_seqs:
+            raise ValueError("query_start_loc must be [B + 1] and block_tables [B, max_blocks]")
+        if len(kv_caches) != len(self._keep):
+            raise ValueError(f"{len(self._keep)} layers need as many KV caches")
+        for pair in kv_caches:
+            _cache_pair(*pair)
+        num_blocks, block_size, kv_heads, head_size = kv_caches[0][0].shape
+        if (kv_heads, head_size) != (shape.kv_heads, shape.head_size):
+            raise ValueError("the KV caches disagree with the decoder's heads")
+        if any(k.shape != kv_caches[0][0].shape for k, _ in kv_caches):
+            raise ValueError("every layer's KV cache must have the same shape")
+        x, slot_mapping = x.contiguous(), slot_mapping.contiguous()
+        out = torch.empty(tokens, shape.hidden, dtype=_F32)
+        self._stack.run(
+            x.data_ptr(), out.data_ptr(), tokens, cos.data_ptr(), sin.data_ptr(),
+            slot_mapping.data_ptr(), slot_mapping.dtype == torch.int64,
+            query_start_loc.data_ptr(), seq_lens.data_ptr(), block_tables.data_ptr(), num_seqs,
+            block_tables.shape[1], block_size, num_blocks * block_size,
+            [k.data_ptr() for k, _ in kv_caches], [v.data_ptr() for _, v in kv_caches],
+        )  # fmt: skip
+        return out

@@ -1,0 +1,68 @@
+// DecoderStack: every decoder layer of a Llama / Qwen2 model in one call (decoder.cpp).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "kernels.h"
+
+namespace xllm {
+
+// kQuantFormats' index of float32 rows.
+inline constexpr int kF32Format = 6;
+static_assert(kQuantFormats[kF32Format].block_bytes == 4 * kQuantFormats[kF32Format].block);
+
+// One linear layer's weights: N rows of K, quantized (format, row_bytes) or float32 rows
+// (kF32Format); bias [N] or null.
+struct LinearWeights {
+  const void* weight;
+  int format;
+  int64_t row_bytes;
+  const float* bias;
+  int64_t n, k;
+};
+
+struct LayerWeights {
+  const float* input_norm;  // [hidden]
+  LinearWeights qkv, o;
+  const float* post_norm;  // [hidden]
+  LinearWeights gate_up, down;
+};
+
+struct DecoderShape {
+  int64_t hidden, heads, kv_heads, head_size, intermediate;
+  float eps, scale;
+};
+
+// One forward pass's tokens and attention metadata (see xllm/model/context.py).
+struct DecoderStep {
+  int64_t num_tokens;
+  const float* cos;  // [T, head_size / 2]
+  const float* sin;
+  const void* slots;  // [T] int32 or int64, -1: no KV write
+  bool slots_int64;
+  const int32_t* query_start_loc;  // [B + 1]
+  const int32_t* seq_lens;         // [B]
+  const int32_t* block_tables;     // [B, max_blocks]
+  int64_t num_seqs, max_blocks, block_size, num_slots;  // num_slots = blocks * block_size
+  std::vector<float*> k_caches, v_caches;  // one per layer
+};
+
+class DecoderStack {
+ public:
+  // Float32 linears run the skinny GEMM up to linear_max_rows rows, the blocked one past it.
+  DecoderStack(const DecoderShape& shape, std::vector<LayerWeights> layers,
+               int64_t linear_max_rows);
+  // out [T, hidden] = the last layer's output plus the residual stream, from x_in [T, hidden].
+  void run(const DecoderStep& step, const float* x_in, float* out);
+
+ private:
+  void linear(const LinearWeights& w, const float* x, float* y, int64_t M) const;
+
+  DecoderShape shape_;
+  std::vector<LayerWeights> layers_;
+  int64_t linear_max_rows_;
+  std::vector<float> workspace_;  // residual, x, h, qkv, attention, gate_up, activation
+};
+
+}  // namespace xllm

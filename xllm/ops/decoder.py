@@ -1,0 +1,32 @@
+"""A decoder's weights and shape as the one-call decoder-stack kernel takes them
+(`xllm.ops.decoder_stack`); the model fills them from its modules."""
+
+from typing import NamedTuple
+
+import torch
+
+
+class LinearWeights(NamedTuple):
+    weight: torch.Tensor  # float rows [N, K], or quantized rows [N, row_bytes] of qtype
+    qtype: str | None  # None: float rows
+    bias: torch.Tensor | None  # [N]
+    in_features: int  # K
+
+
+class LayerWeights(NamedTuple):
+    input_norm: torch.Tensor  # [hidden]
+    qkv: LinearWeights  # q, k and v rows stacked
+    o: LinearWeights
+    post_norm: torch.Tensor  # [hidden]
+    gate_up: LinearWeights  # gate and up rows stacked
+    down: LinearWeights
+
+
+class DecoderShape(NamedTuple):
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_size: int
+    intermediate: int
+    eps: float  # the RMSNorms'
+    scale: float  # the attention's
