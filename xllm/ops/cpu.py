@@ -390,9 +390,9 @@ class DecoderStack:
     def __init__(self, shape: DecoderShape, layers: list[LayerWeights]):
         self.shape = shape
         self._keep = layers  # the weights whose pointers the C++ side holds
-        specs = [(self._vector(l.input_norm, shape.hidden), self._linear(l.qkv),
-                  self._linear(l.o), self._vector(l.post_norm, shape.hidden),
-                  self._linear(l.gate_up), self._linear(l.down)) for l in layers]
+        specs = [(self._vector(layer.input_norm, shape.hidden), self._linear(layer.qkv),
+                  self._linear(layer.o), self._vector(layer.post_norm, shape.hidden),
+                  self._linear(layer.gate_up), self._linear(layer.down)) for layer in layers]
         self._stack = _C.DecoderStack(*shape, specs, LINEAR_MAX_ROWS)
 
     @staticmethod
