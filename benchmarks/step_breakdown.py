@@ -10,6 +10,10 @@ of the step and its calls per step.
 
 What is wrapped, looked up where it is called from:
 
+- `ops.decoder_stack`: the one-call kernel of every decoder layer it builds is timed as one
+  row (`--layer-by-layer`: it builds none, and the model calls each layer's kernels, timed
+  below);
+
 - kernels, via the `xllm.ops` module that llama.py calls as `ops.<name>`: `linear` and
   `quant_linear` (one row per projection, qkv_proj, o_proj, gate_up_proj, down_proj, told
   by the storage of the weight passed in; the LM head apart: the `lm_head` module's
@@ -85,6 +89,7 @@ TEXT = (
 # Rows of the table, in order: (category, label). Kernels first, then the remainders; the
 # linear layers get one row per projection ("linear:<name>", see `linear_names`) first.
 ROWS = [
+    ("stack", "decoder layers in one call (ops.decoder_stack, C++)"),
     ("lm_head", "LM head (ops.linear / ops.quant_linear, vocab rows)"),
     ("attention", "attention (ops.paged_attention)"),
     ("kv_write", "KV write (ops.write_kv)"),
@@ -99,7 +104,7 @@ ROWS = [
     ("sampling", "sampling (Sampler, less top-k)"),
     ("step", "other (Python, scheduler, detokenizer)"),
 ]
-KERNELS = {"lm_head", "attention", "kv_write", "rotary_kv", "rotary", "norm", "activation",
+KERNELS = {"stack", "lm_head", "attention", "kv_write", "rotary_kv", "rotary", "norm", "activation",
            "embedding", "topk"}
 LINEAR_ORDER = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 
@@ -258,11 +263,21 @@ def linear_names(model: torch.nn.Module) -> dict[int, str]:
     return names
 
 
-def install(llm: LLM, profiler: Profiler, vocab: int) -> Patcher:
+def install(llm: LLM, profiler: Profiler, vocab: int, layer_by_layer: bool) -> Patcher:
     engine = llm.engine
     model = engine.runner.model
     p = Patcher()
     kernel, region = profiler.kernel, profiler.region
+
+    def stacks(build: Callable) -> Callable:
+        """ops.decoder_stack whose stacks are timed, or that offers none (layer_by_layer)."""
+        def timed(*args):
+            stack = None if layer_by_layer else build(*args)
+            return None if stack is None else kernel(stack, "stack")
+        return timed
+
+    p.patch(ops, "decoder_stack", stacks, "ops.decoder_stack", (llama, "ops.decoder_stack("))
+    model._stack = None  # built again through the patch (and once more after restore)
 
     names = linear_names(model)
 
@@ -396,11 +411,12 @@ def table(totals: Totals) -> str:
     return "\n".join(out)
 
 
-def run_batch(llm: LLM, batch: int, tokens: int, vocab: int, per_call: float) -> str:
+def run_batch(llm: LLM, batch: int, tokens: int, vocab: int, per_call: float,
+              layer_by_layer: bool) -> str:
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
     llm.generate(prompts(llm, batch, "Warm-up"), params)
     profiler = Profiler()
-    patcher = install(llm, profiler, vocab)
+    patcher = install(llm, profiler, vocab, layer_by_layer)
     measured = prompts(llm, batch, "Request")
     try:
         profiler.active = True
@@ -410,6 +426,7 @@ def run_batch(llm: LLM, batch: int, tokens: int, vocab: int, per_call: float) ->
     finally:
         profiler.active = False
         patcher.restore()
+        llm.engine.runner.model._stack = None
     generated = sum(len(c.token_ids) for o in outputs for c in o.outputs)
     lines = [f"### batch {batch}", ""]
     decode, prefill = profiler.totals.get("decode"), profiler.totals.get("prefill")
@@ -443,6 +460,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: all cores)")
     parser.add_argument("--model", default="default")
+    parser.add_argument("--layer-by-layer", action="store_true",
+                        help="no decoder-stack kernel: time each layer's kernels apart")
     args = parser.parse_args()
     largest = max(args.batch)
     # An older checkout (PYTHONPATH, for a before/after) may predate --quantization.
@@ -461,10 +480,12 @@ def main() -> None:
     print(f"model {args.model} ({type(model).__name__}, {len(model.layers)} layers, vocab "
           f"{vocab}), quantization {args.quantization} (linear weights: {', '.join(qtypes)}), "
           f"kernels {backend}, {torch.get_num_threads()} thread(s), {cpu_name()}; "
-          f"{PROMPT_TOKENS}-token prompts, {args.tokens} new tokens, "
-          f"greedy. Wrapper overhead {per_call * 1e6:.2f} us per call; {load_average()}.\n")
+          f"{PROMPT_TOKENS}-token prompts, {args.tokens} new tokens, greedy, "
+          f"{'layer by layer' if args.layer_by_layer else 'decoder stack where offered'}. "
+          f"Wrapper overhead {per_call * 1e6:.2f} us per call; {load_average()}.\n")
     for batch in args.batch:
-        print(run_batch(llm, batch, args.tokens, vocab, per_call), "\n", flush=True)
+        print(run_batch(llm, batch, args.tokens, vocab, per_call, args.layer_by_layer), "\n",
+              flush=True)
 
 
 if __name__ == "__main__":
