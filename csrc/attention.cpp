@@ -31,7 +31,7 @@ constexpr int kDotRowsMax = 8;     // up to this many rows, scores are per-row d
 constexpr int kMinSplitKeys = 256; // a split part covers at least this many keys
 // Below this much work (keys x (rows + 8), about 1.5-3 ns each) one thread does it all:
 // waking the team costs more, and on a busy machine a late thread stalls the join.
-constexpr int64_t kParallelMinCost = 100000;
+constexpr int64_t kParallelMinCost = 16000;
 
 struct Item {
   int32_t seq, h0, h1;  // kv heads [h0, h1): all of them for a decode, one for a prefill tile
