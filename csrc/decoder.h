@@ -48,6 +48,8 @@ struct DecoderStep {
   std::vector<float*> k_caches, v_caches;  // one per layer
 };
 
+// Holds raw pointers to the weights (the caller keeps them alive and in place) and a
+// workspace sized by the largest step so far; one caller at a time.
 class DecoderStack {
  public:
   // Float32 linears run the skinny GEMM up to linear_max_rows rows, the blocked one past it.
