@@ -6,7 +6,6 @@
 // layer-by-layer path bit for bit.
 #include "decoder.h"
 
-#include <algorithm>
 #include <cstring>
 #include <stdexcept>
 
@@ -14,7 +13,10 @@ namespace xllm {
 
 DecoderStack::DecoderStack(const DecoderShape& shape, std::vector<LayerWeights> layers,
                            int64_t linear_max_rows)
-    : shape_(shape), layers_(std::move(layers)), linear_max_rows_(linear_max_rows) {
+    : shape_(shape),
+      layers_(std::move(layers)),
+      linear_max_rows_(linear_max_rows),
+      f32_format_(quant_format("f32")) {
   const int64_t qkv = (shape.heads + 2 * shape.kv_heads) * shape.head_size;
   const int64_t attn = shape.heads * shape.head_size;
   const auto check = [&](const LinearWeights& w, int64_t n, int64_t k, const char* name) {
@@ -30,7 +32,7 @@ DecoderStack::DecoderStack(const DecoderShape& shape, std::vector<LayerWeights> 
 }
 
 void DecoderStack::linear(const LinearWeights& w, const float* x, float* y, int64_t M) const {
-  if (w.format == kF32Format && M <= linear_max_rows_)
+  if (w.format == f32_format_ && M <= linear_max_rows_)
     xllm::linear(x, static_cast<const float*>(w.weight), w.bias, y, M, w.n, w.k);
   else
     quant_linear(x, static_cast<const uint8_t*>(w.weight), w.format, w.row_bytes, w.bias, y, M,

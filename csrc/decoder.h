@@ -8,12 +8,8 @@
 
 namespace xllm {
 
-// kQuantFormats' index of float32 rows.
-inline constexpr int kF32Format = 6;
-static_assert(kQuantFormats[kF32Format].block_bytes == 4 * kQuantFormats[kF32Format].block);
-
 // One linear layer's weights: N rows of K, quantized (format, row_bytes) or float32 rows
-// (kF32Format); bias [N] or null.
+// (the "f32" format); bias [N] or null.
 struct LinearWeights {
   const void* weight;
   int format;
@@ -64,6 +60,7 @@ class DecoderStack {
   DecoderShape shape_;
   std::vector<LayerWeights> layers_;
   int64_t linear_max_rows_;
+  int f32_format_;  // quant_format("f32")
   std::vector<float> workspace_;  // residual, x, h, qkv, attention, gate_up, activation
 };
 

@@ -68,6 +68,30 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _attention_metadata(
+    query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The three as contiguous int32, checked against each other's batch size."""
+    query_start_loc, seq_lens, block_tables = (
+        _int32(query_start_loc), _int32(seq_lens), _int32(block_tables))
+    num_seqs = seq_lens.shape[0]
+    if query_start_loc.shape[0] != num_seqs + 1 or block_tables.shape[0] != num_seqs:
+        raise ValueError("query_start_loc must be [B + 1] and block_tables [B, max_blocks]")
+    return query_start_loc, seq_lens, block_tables
+
+
+def _rotary_inputs(cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor,
+                   tokens: int, head_size: int) -> torch.Tensor:
+    """Checks the rotary tables [T, D / 2] and the slot mapping [T]; the latter, contiguous."""
+    for name, t in (("cos", cos), ("sin", sin)):
+        _require_cpu_f32(name, t)
+        if t.shape != (tokens, head_size // 2) or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous [T, D / 2]")
+    if slot_mapping.shape != (tokens,) or slot_mapping.dtype not in _INDEX_DTYPES:
+        raise ValueError("slot_mapping must be an int32 or int64 [T]")
+    return slot_mapping.contiguous()
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -85,13 +109,9 @@ def paged_attention(
     if cache_head_size != head_size:
         raise ValueError("q and the caches disagree on the head size")
     q = _rows(q)
-    query_start_loc = _int32(query_start_loc)
-    seq_lens = _int32(seq_lens)
-    block_tables = _int32(block_tables)
-    num_seqs = seq_lens.shape[0]
-    max_blocks = block_tables.shape[1]
-    if query_start_loc.shape[0] != num_seqs + 1 or block_tables.shape[0] != num_seqs:
-        raise ValueError("query_start_loc must be [B + 1] and block_tables [B, max_blocks]")
+    query_start_loc, seq_lens, block_tables = _attention_metadata(
+        query_start_loc, seq_lens, block_tables)
+    num_seqs, max_blocks = block_tables.shape
     out = torch.empty((num_tokens, num_heads, head_size), dtype=_F32)
     _C.paged_attention(
         q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
@@ -353,13 +373,7 @@ def rotary_write_kv(
         raise ValueError("qkv must be [T, (H + 2 H_kv) D] matching the caches")
     if head_size % 2:
         raise ValueError("the head size must be even")
-    for name, t in (("cos", cos), ("sin", sin)):
-        _require_cpu_f32(name, t)
-        if t.shape != (tokens, head_size // 2) or not t.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous [T, D / 2]")
-    if slot_mapping.shape != (tokens,) or slot_mapping.dtype not in _INDEX_DTYPES:
-        raise ValueError("slot_mapping must be an int32 or int64 [T]")
-    slot_mapping = slot_mapping.contiguous()
+    slot_mapping = _rotary_inputs(cos, sin, slot_mapping, tokens, head_size)
     _C.rotary_write_kv(
         qkv.data_ptr(), stride, cos.data_ptr(), sin.data_ptr(), tokens, num_heads, num_kv_heads,
         head_size, k_cache.data_ptr(), v_cache.data_ptr(), slot_mapping.data_ptr(),
@@ -440,17 +454,10 @@ class DecoderStack:
         _require_cpu_f32("x", x)
         if x.shape != (tokens, shape.hidden):
             raise ValueError(f"x must be [T, {shape.hidden}]")
-        for name, t in (("cos", cos), ("sin", sin)):
-            _require_cpu_f32(name, t)
-            if t.shape != (tokens, shape.head_size // 2) or not t.is_contiguous():
-                raise ValueError(f"{name} must be a contiguous [T, D / 2]")
-        if slot_mapping.shape != (tokens,) or slot_mapping.dtype not in _INDEX_DTYPES:
-            raise ValueError("slot_mapping must be an int32 or int64 [T]")
-        query_start_loc, seq_lens = _int32(query_start_loc), _int32(seq_lens)
-        block_tables = _int32(block_tables)
-        num_seqs = seq_lens.shape[0]
-        if query_start_loc.shape != (num_seqs + 1,) or block_tables.shape[0] != num_seqs:
-            raise ValueError("query_start_loc must be [B + 1] and block_tables [B, max_blocks]")
+        slot_mapping = _rotary_inputs(cos, sin, slot_mapping, tokens, shape.head_size)
+        query_start_loc, seq_lens, block_tables = _attention_metadata(
+            query_start_loc, seq_lens, block_tables)
+        num_seqs, max_blocks = block_tables.shape
         if len(kv_caches) != len(self._keep):
             raise ValueError(f"{len(self._keep)} layers need as many KV caches")
         for pair in kv_caches:
@@ -460,13 +467,13 @@ class DecoderStack:
             raise ValueError("the KV caches disagree with the decoder's heads")
         if any(k.shape != kv_caches[0][0].shape for k, _ in kv_caches):
             raise ValueError("every layer's KV cache must have the same shape")
-        x, slot_mapping = x.contiguous(), slot_mapping.contiguous()
+        x = x.contiguous()
         out = torch.empty(tokens, shape.hidden, dtype=_F32)
         self._stack.run(
             x.data_ptr(), out.data_ptr(), tokens, cos.data_ptr(), sin.data_ptr(),
             slot_mapping.data_ptr(), slot_mapping.dtype == torch.int64,
             query_start_loc.data_ptr(), seq_lens.data_ptr(), block_tables.data_ptr(), num_seqs,
-            block_tables.shape[1], block_size, num_blocks * block_size,
+            max_blocks, block_size, num_blocks * block_size,
             [k.data_ptr() for k, _ in kv_caches], [v.data_ptr() for _, v in kv_caches],
         )  # fmt: skip
         return out
