@@ -2,8 +2,10 @@
 # Engine check for one lent GPU (H100/H200), in one go, under 8 minutes:
 #   1. device facts; 2. setup: the source tree on PYTHONPATH, which packages exist, whether the
 #   engine and its tests import; 3. the CUDA engine tests (tests/engine/test_cuda_engine.py);
-#   4. offline throughput, engine vs transformers (benchmarks/gpu_throughput.py); 5. the kernel
-#   tests, compiled; 6. the attention kernel benchmark (benchmarks/kernels/bench_kernels.py).
+#   4. the attention kernel beside torch's flash and cuDNN SDPA, the peer
+#   (benchmarks/kernels/bench_kernels.py attention); with XLLM_TUNE=1, the Triton attention
+#   kernel's launch choices (bench_kernels.py attention-tune); 5. offline throughput, engine
+#   vs transformers (benchmarks/gpu_throughput.py); 6. the kernel tests, compiled.
 # The engine's own steps come first: the kernels have their own, longer check
 # (benchmarks/kernels/gpu_check.sh). A step that fails or times out does not stop the next;
 # each runs under `timeout`, trimmed to what is left of XLLM_CHECK_BUDGET (default 465 s), and
@@ -14,7 +16,7 @@
 # fetched there); models and tokenizers are built on the spot (tests/engine/synthetic.py).
 # XLLM_GPU_INSTALL=1 first tries `pip install -e .` (builds the C++ kernels: a minute or
 # two, and only the kernel tests use them); by default the source tree is put on PYTHONPATH.
-# Logs land in OUT_DIR (default $OUT, else /tmp/xllm_gpu_check): 7 files.
+# Logs land in OUT_DIR (default $OUT, else /tmp/xllm_gpu_check): 7 files (8 with XLLM_TUNE=1).
 
 set -u
 cd "$(dirname "$0")/.."
@@ -152,6 +154,14 @@ else
     SUMMARY+=("engine tests (CUDA)    SKIPPED (no pytest)")
 fi
 
+run_step "attention vs SDPA" 150 "$OUT_DIR/bench_attention.txt" \
+    $PY benchmarks/kernels/bench_kernels.py attention --dtype bfloat16 --min-time 0.05
+
+if [ "${XLLM_TUNE:-0}" = 1 ]; then
+    run_step "attention tuning" 150 "$OUT_DIR/tune_attention.txt" \
+        $PY benchmarks/kernels/bench_kernels.py attention-tune --dtype bfloat16 --min-time 0.03
+fi
+
 run_step "throughput" 150 "$OUT_DIR/throughput.txt" \
     $PY benchmarks/gpu_throughput.py --json "$OUT_DIR/throughput.json"
 
@@ -161,9 +171,6 @@ if ((HAVE_PYTEST)); then
 else
     SUMMARY+=("kernel tests           SKIPPED (no pytest)")
 fi
-
-run_step "attention benchmark" 60 "$OUT_DIR/bench_attention.txt" \
-    $PY benchmarks/kernels/bench_kernels.py attention --quick --dtype bfloat16 --min-time 0.05
 
 {
     echo

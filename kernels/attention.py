@@ -26,7 +26,7 @@ def _find_sequence(query_start_loc_ptr, num_seqs, q_block, BLOCK_Q: tl.constexpr
     return lo
 
 
-@triton.jit(do_not_specialize=["num_seqs", "num_heads"])
+@triton.jit(do_not_specialize=["num_seqs", "num_heads", "num_splits"])
 def paged_attention_kernel(
     out_ptr,
     part_acc_ptr,
@@ -41,6 +41,7 @@ def paged_attention_kernel(
     qk_scale,
     num_seqs,
     num_heads,
+    num_splits,
     stride_qt,
     stride_qh,
     stride_ot,
@@ -59,16 +60,19 @@ def paged_attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     TILE_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    MIN_SPLIT_TILES: tl.constexpr,
+    SPLIT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """One program: BLOCK_Q query tokens x all GROUP query heads of one KV head, one KV split.
 
     Rows of the program's tile are (token, head) pairs, token-major, so each K/V
     tile is loaded once for the whole head group. qk_scale is scale * log2(e);
-    the softmax runs in base 2. With NUM_SPLITS == 1 the program writes the
-    normalized output; otherwise it writes its unnormalized accumulator, running
-    max and running sum to the partial buffers for `reduce_splits_kernel`.
+    the softmax runs in base 2. Without SPLIT the program writes the normalized
+    output. With SPLIT, the sequence's own visible keys (not its block table's
+    width) are cut into num_splits runs of at least MIN_SPLIT_TILES tiles; the
+    program writes its run's running max and sum, and its unnormalized
+    accumulator unless the run is empty, for `reduce_splits_kernel`.
     """
     q_block = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -101,34 +105,34 @@ def paged_attention_kernel(
     # Keys 0 .. kv_end - 1 are visible to some row of this program.
     kv_end = ctx_len + tl.minimum(q_off + BLOCK_Q, q_len)
     num_tiles = tl.cdiv(kv_end, TILE_N)
-    if NUM_SPLITS == 1:
-        tile_lo = 0
-        tile_hi = num_tiles
-    else:
-        per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    if SPLIT:
+        per_split = tl.maximum(tl.cdiv(num_tiles, num_splits), MIN_SPLIT_TILES)
         tile_lo = split * per_split
         tile_hi = tl.minimum(tile_lo + per_split, num_tiles)
+    else:
+        tile_lo = 0
+        tile_hi = num_tiles
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
     cols = tl.arange(0, TILE_N)
     block_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    for tile in range(tile_lo, tile_hi):
+    for tile in tl.range(tile_lo, tile_hi):
         kv_pos = tile * TILE_N + cols
         kv_ok = kv_pos < kv_end
         block = tl.load(block_row + kv_pos // BLOCK_SIZE, mask=kv_ok, other=0).to(tl.int64)
         in_block = kv_pos % BLOCK_SIZE
         k = tl.load(
             k_cache_ptr
-            + block[None, :] * stride_kb
-            + in_block[None, :] * stride_ks
+            + block[:, None] * stride_kb
+            + in_block[:, None] * stride_ks
             + kv_head * stride_kh
-            + dims[:, None],
-            mask=kv_ok[None, :] & dim_ok[:, None],
+            + dims[None, :],
+            mask=kv_ok[:, None] & dim_ok[None, :],
             other=0.0,
         )
-        s = tl.dot(q, k.to(q.dtype), input_precision=PRECISION) * qk_scale
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * qk_scale
         visible = (kv_pos[None, :] <= q_pos[:, None]) & kv_ok[None, :]
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -148,44 +152,49 @@ def paged_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
         m_i = m_new
 
-    if NUM_SPLITS == 1:
+    if SPLIT:
+        part = (token * num_heads + head) * num_splits + split
+        tl.store(part_max_ptr + part, m_i, mask=row_ok)
+        tl.store(part_sum_ptr + part, l_i, mask=row_ok)
+        if tile_lo < tile_hi:
+            tl.store(
+                part_acc_ptr + part[:, None] * HEAD_PAD + dims[None, :],
+                acc,
+                mask=row_ok[:, None],
+            )
+    else:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(
             out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
             out.to(out_ptr.dtype.element_ty),
             mask=q_mask,
         )
-    else:
-        part = (token * num_heads + head) * NUM_SPLITS + split
-        tl.store(part_max_ptr + part, m_i, mask=row_ok)
-        tl.store(part_sum_ptr + part, l_i, mask=row_ok)
-        tl.store(
-            part_acc_ptr + part[:, None] * HEAD_PAD + dims[None, :],
-            acc,
-            mask=row_ok[:, None],
-        )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_heads", "num_splits"])
 def reduce_splits_kernel(
     out_ptr,
     part_acc_ptr,
     part_max_ptr,
     part_sum_ptr,
     num_heads,
+    num_splits,
     stride_ot,
     stride_oh,
     HEAD_SIZE: tl.constexpr,
     HEAD_PAD: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
 ):
-    """One program per (token, head): merge the KV splits' partial softmax states."""
+    """One program per (token, head): merge the KV splits' partial softmax states.
+
+    A split that saw no key has a max of -inf; its accumulator was never written
+    and is not read.
+    """
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     splits = tl.arange(0, SPLITS_PAD)
-    split_ok = splits < NUM_SPLITS
-    part = (token * num_heads + head) * NUM_SPLITS + splits
+    split_ok = splits < num_splits
+    part = (token * num_heads + head) * num_splits + splits
     m = tl.load(part_max_ptr + part, mask=split_ok, other=float("-inf"))
     l_sum = tl.load(part_sum_ptr + part, mask=split_ok, other=0.0)
     m_all = tl.max(m, 0)
@@ -194,7 +203,7 @@ def reduce_splits_kernel(
     dims = tl.arange(0, HEAD_PAD)
     acc = tl.load(
         part_acc_ptr + part[:, None] * HEAD_PAD + dims[None, :],
-        mask=split_ok[:, None],
+        mask=(split_ok & (m > float("-inf")))[:, None],
         other=0.0,
     )
     out = tl.sum(acc * weight[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)

@@ -26,8 +26,9 @@ linear = torch.nn.functional.linear
 
 INTERPRETED = not isinstance(write_kv_kernel, triton.runtime.JITFunction)
 VOCAB_CHUNK = 4096
-MIN_SPLIT_TOKENS = 512
-MAX_SPLITS = 64
+MIN_SPLIT_TOKENS = 128  # the fewest keys one KV split of a sequence takes
+MAX_SPLITS = 128
+PROGRAMS_PER_SM = 4  # decode attention splits KV until about this many programs run per SM
 COPY_CHUNK = 2048  # elements a copy_blocks program moves per step (a power of two)
 QUANT_SUB = SUB.value  # weights a quantized kernel unpacks per step
 
@@ -56,13 +57,17 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _choose_splits(device: torch.device, programs: int, max_context: int) -> int:
-    """KV splits per program so that about 4 programs run per SM (a power of two)."""
-    target = 4 * _num_sms(device)
+def _choose_splits(device: torch.device, programs: int) -> int:
+    """KV splits per program so that about PROGRAMS_PER_SM programs run per SM.
+
+    Chosen from the launch's shape alone (sequences x KV heads), never from the block
+    table's width: each sequence cuts its own context into at most this many runs
+    of at least MIN_SPLIT_TOKENS keys, in the kernel.
+    """
+    target = PROGRAMS_PER_SM * _num_sms(device)
     if programs >= target:
         return 1
-    most = min(max(1, max_context // MIN_SPLIT_TOKENS), MAX_SPLITS)
-    return min(_next_pow2(triton.cdiv(target, programs)), 1 << (most.bit_length() - 1))
+    return min(_next_pow2(triton.cdiv(target, programs)), MAX_SPLITS)
 
 
 def paged_attention(
@@ -88,8 +93,11 @@ def paged_attention_with(
     scale: float,
     num_splits: int | None = None,
     tile_n: int | None = None,
+    block_m: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
-    """`paged_attention` with the launch choices open (tests force KV splits and tile sizes).
+    """`paged_attention` with the launch choices open (tests and the tuning sweep set them).
 
     Reads no tensor values on the host: the launch shape follows from shapes
     alone, so the call can be captured in a CUDA graph.
@@ -109,7 +117,9 @@ def paged_attention_with(
     block_tables = _last_dim_contiguous(block_tables.to(torch.int32))
 
     decode_only = num_tokens <= num_seqs
-    block_m = max(16 if decode_only else 64, _next_pow2(group))
+    if block_m is None:
+        block_m = 16 if decode_only else 64
+    block_m = max(block_m, _next_pow2(group))
     block_q = block_m // group
     head_pad = max(16, _next_pow2(head_size))
     if tile_n is None:  # float32 tiles of 64 keys spill registers on sm_90
@@ -117,8 +127,7 @@ def paged_attention_with(
     q_blocks = num_tokens // block_q + num_seqs
     if num_splits is None:
         busy = num_seqs if decode_only else q_blocks
-        max_context = block_tables.shape[1] * block_size
-        num_splits = _choose_splits(q.device, busy * num_kv_heads, max_context)
+        num_splits = _choose_splits(q.device, busy * num_kv_heads)
 
     if num_splits > 1:
         part_acc = torch.empty(
@@ -131,25 +140,30 @@ def paged_attention_with(
     else:
         part_acc = part_max = part_sum = out
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    num_warps = 8 if block_m * head_pad >= 64 * 128 else 4
+    if num_warps is None:
+        num_warps = 8 if block_m * head_pad >= 64 * 128 else 4
+    launch = {"num_warps": num_warps}
+    if num_stages is not None:
+        launch["num_stages"] = num_stages
     with _launch_context(q):
         paged_attention_kernel[(q_blocks, num_kv_heads, num_splits)](
             out, part_acc, part_max, part_sum,
             q, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
-            scale * LOG2E, num_seqs, num_heads,
+            scale * LOG2E, num_seqs, num_heads, num_splits,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             block_tables.stride(0),
             GROUP=group, HEAD_SIZE=head_size, HEAD_PAD=head_pad, BLOCK_SIZE=block_size,
-            BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n, NUM_SPLITS=num_splits,
-            PRECISION=precision, num_warps=num_warps,
+            BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n,
+            MIN_SPLIT_TILES=max(1, MIN_SPLIT_TOKENS // tile_n), SPLIT=num_splits > 1,
+            PRECISION=precision, **launch,
         )  # fmt: skip
         if num_splits > 1:
             reduce_splits_kernel[(num_tokens, num_heads)](
-                out, part_acc, part_max, part_sum, num_heads, out.stride(0), out.stride(1),
-                HEAD_SIZE=head_size, HEAD_PAD=head_pad, NUM_SPLITS=num_splits,
-                SPLITS_PAD=_next_pow2(num_splits),
+                out, part_acc, part_max, part_sum, num_heads, num_splits,
+                out.stride(0), out.stride(1),
+                HEAD_SIZE=head_size, HEAD_PAD=head_pad, SPLITS_PAD=_next_pow2(num_splits),
             )  # fmt: skip
     return out
 
