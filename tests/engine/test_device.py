@@ -1,5 +1,8 @@
 """Where the engine runs: --device and --dtype, the CUDA-graph batch ladder, input staging."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -76,3 +79,14 @@ def test_serve_refuses_half_precision_on_the_cpu_at_startup(caplog):
 
     assert main(["serve", "--dtype", "bfloat16", "--port", "1"]) == 2
     assert "not served on the CPU" in caplog.text
+
+
+def test_engine_imports_without_gguf():
+    # GPU machines may lack the gguf package: only a GGUF model's load may need it.
+    code = (
+        "import sys; sys.modules['gguf'] = None\n"
+        "import xllm.engine.llm, xllm.engine.async_engine\n"
+        "assert 'xllm.model.gguf_weights' not in sys.modules"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]

@@ -30,7 +30,6 @@ from xllm.model.config import ARCHITECTURES
 from xllm.model.context import AttentionContext, set_context
 from xllm.model.cuda_graphs import DecodeGraphs
 from xllm.model.device import Staging, free_gpu_memory, resolve_device, resolve_dtype
-from xllm.model.gguf_weights import iterate_gguf_weights
 from xllm.model.llama import quantize_linears
 from xllm.model.loader import gguf_source, iterate_weights
 
@@ -85,6 +84,8 @@ class ModelRunner:
         gguf = gguf_source(self.config.model)
         if gguf is not None and self.config.quantization == "auto":
             text = self.hf_config.get_text_config()
+            from xllm.model.gguf_weights import iterate_gguf_weights  # needs gguf: GGUF only
+
             model.load_weights(iterate_gguf_weights(
                 gguf, text.model_type, text.num_attention_heads, text.num_key_value_heads))
         else:
