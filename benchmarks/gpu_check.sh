@@ -166,7 +166,7 @@ run_step "throughput" 150 "$OUT_DIR/throughput.txt" \
     $PY benchmarks/gpu_throughput.py --json "$OUT_DIR/throughput.json"
 
 if ((HAVE_PYTEST)); then
-    run_step "kernel tests" 150 "$OUT_DIR/kernel_tests.txt" \
+    run_step "kernel tests" 200 "$OUT_DIR/kernel_tests.txt" \
         "${PYTEST[@]}" --confcutdir=tests/kernels tests/kernels "${NO_CPP[@]}"
 else
     SUMMARY+=("kernel tests           SKIPPED (no pytest)")

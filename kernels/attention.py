@@ -26,67 +26,6 @@ def _find_sequence(query_start_loc_ptr, num_seqs, q_block, BLOCK_Q: tl.constexpr
     return lo
 
 
-@triton.jit
-def _attend_tiles(
-    acc,
-    l_i,
-    m_i,
-    q,
-    q_pos,
-    block_row,
-    k_base,
-    v_base,
-    dims,
-    dim_ok,
-    tile_lo,
-    tile_hi,
-    kv_end,
-    qk_scale,
-    stride_kb,
-    stride_ks,
-    stride_vb,
-    stride_vs,
-    BLOCK_SIZE: tl.constexpr,
-    TILE_N: tl.constexpr,
-    PRECISION: tl.constexpr,
-    MASKED: tl.constexpr,
-):
-    """Online softmax over key tiles tile_lo .. tile_hi - 1; returns (acc, l_i, m_i).
-
-    m_i is kept in scaled (base-2) units, so one fused multiply-add scales and shifts
-    each score. MASKED applies the causal mask and the end of the keys; without it every
-    key of every tile must be visible to every row.
-    """
-    cols = tl.arange(0, TILE_N)
-    for tile in tl.range(tile_lo, tile_hi):
-        kv_pos = tile * TILE_N + cols
-        if MASKED:
-            kv_ok = kv_pos < kv_end
-            block = tl.load(block_row + kv_pos // BLOCK_SIZE, mask=kv_ok, other=0)
-            kv_mask = kv_ok[:, None] & dim_ok[None, :]
-        else:
-            block = tl.load(block_row + kv_pos // BLOCK_SIZE)
-            kv_mask = dim_ok[None, :]
-        block = block.to(tl.int64)[:, None]
-        in_block = (kv_pos % BLOCK_SIZE)[:, None]
-        k_ptrs = k_base + block * stride_kb + in_block * stride_ks + dims[None, :]
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)
-        if MASKED:
-            visible = (kv_pos[None, :] <= q_pos[:, None]) & kv_ok[None, :]
-            s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s * qk_scale - m_base[:, None])
-        alpha = tl.exp2(m_i - m_base)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v_ptrs = v_base + block * stride_vb + in_block * stride_vs + dims[None, :]
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
-        m_i = m_new
-    return acc, l_i, m_i
-
-
 @triton.jit(do_not_specialize=["num_seqs", "num_heads", "num_splits"])
 def paged_attention_kernel(
     out_ptr,
@@ -177,23 +116,41 @@ def paged_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
+    cols = tl.arange(0, TILE_N)
     block_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    k_base = k_cache_ptr + kv_head * stride_kh
-    v_base = v_cache_ptr + kv_head * stride_vh
-    # Tiles below `full` are visible to every row: no causal or length mask there.
-    full = (ctx_len + q_off + 1) // TILE_N
-    acc, l_i, m_i = _attend_tiles(
-        acc, l_i, m_i, q, q_pos, block_row, k_base, v_base, dims, dim_ok,
-        tile_lo, tl.minimum(tile_hi, full), kv_end, qk_scale,
-        stride_kb, stride_ks, stride_vb, stride_vs,
-        BLOCK_SIZE, TILE_N, PRECISION, False,
-    )  # fmt: skip
-    acc, l_i, m_i = _attend_tiles(
-        acc, l_i, m_i, q, q_pos, block_row, k_base, v_base, dims, dim_ok,
-        tl.maximum(tile_lo, full), tile_hi, kv_end, qk_scale,
-        stride_kb, stride_ks, stride_vb, stride_vs,
-        BLOCK_SIZE, TILE_N, PRECISION, True,
-    )  # fmt: skip
+    for tile in tl.range(tile_lo, tile_hi):
+        kv_pos = tile * TILE_N + cols
+        kv_ok = kv_pos < kv_end
+        block = tl.load(block_row + kv_pos // BLOCK_SIZE, mask=kv_ok, other=0).to(tl.int64)
+        in_block = kv_pos % BLOCK_SIZE
+        k = tl.load(
+            k_cache_ptr
+            + block[:, None] * stride_kb
+            + in_block[:, None] * stride_ks
+            + kv_head * stride_kh
+            + dims[None, :],
+            mask=kv_ok[:, None] & dim_ok[None, :],
+            other=0.0,
+        )
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * qk_scale
+        visible = (kv_pos[None, :] <= q_pos[:, None]) & kv_ok[None, :]
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_base[:, None])
+        alpha = tl.exp2(m_i - m_base)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            v_cache_ptr
+            + block[:, None] * stride_vb
+            + in_block[:, None] * stride_vs
+            + kv_head * stride_vh
+            + dims[None, :],
+            mask=kv_ok[:, None] & dim_ok[None, :],
+            other=0.0,
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
+        m_i = m_new
 
     if SPLIT:
         part = (token * num_heads + head) * num_splits + split
