@@ -150,9 +150,9 @@ def print_header() -> None:
 
 
 def print_row(r: Result) -> None:
-    speedup = f"{r.speedup:.1f}x" if r.speedup is not None else "-"
+    speedup = f"{r.speedup:.2f}x" if r.speedup is not None else "-"
     rate = f"{r.rate:.3g} {r.unit}"
-    print(f"{r.kernel:<11} {r.shape:<44} {r.backend:<10} {r.ms:>10.3f} {speedup:>9} {rate:>14}")
+    print(f"{r.kernel:<11} {r.shape:<44} {r.backend:<10} {r.ms:>10.4f} {speedup:>9} {rate:>14}")
     sys.stdout.flush()
 
 
@@ -513,7 +513,7 @@ CPU_REFERENCE_MAX_MACS = 64 * 3584 * 37888
 
 def print_linear_row(r: Result, gflops: float) -> None:
     speedup = f"{r.speedup:.2f}x" if r.speedup is not None else "-"
-    print(f"{r.kernel:<11} {r.shape:<44} {r.backend:<10} {r.ms:>10.3f} {speedup:>9} "
+    print(f"{r.kernel:<11} {r.shape:<44} {r.backend:<10} {r.ms:>10.4f} {speedup:>9} "
           f"{r.rate:>8.1f} GB/s {gflops:>7.1f} GFLOP/s")  # fmt: skip
     sys.stdout.flush()
 
