@@ -229,41 +229,41 @@ def attention_inputs(
     return tuple(t.to(setup.device) for t in tensors)
 
 
-def sdpa_call(
-    model: Model, batch: int, q_len: int, context: int, setup: Setup, backend: str
-) -> Callable[[], object] | None:
-    """The peer: torch's SDPA on one backend, contiguous [B, H, T, D] tensors, GQA as is."""
+def sdpa_peers(
+    model: Model, batch: int, q_len: int, context: int, setup: Setup
+) -> dict[str, Callable[[], object]]:
+    """The peers: torch's SDPA pinned to each backend of PEERS, on one set of contiguous
+    [B, H, T, D] tensors, GQA as is; a backend that refuses the shape is left out."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     randn = partial(torch.randn, device=setup.device, dtype=setup.dtype)
     q = randn(batch, model.num_heads, q_len, model.head_size)
     k = randn(batch, model.num_kv_heads, context, model.head_size)
     v = randn(batch, model.num_kv_heads, context, model.head_size)
-    causal = q_len > 1
 
-    def call() -> torch.Tensor:
+    def call(backend: str) -> torch.Tensor:
         with sdpa_kernel(getattr(SDPBackend, backend)):
             return torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, is_causal=causal, enable_gqa=True
+                q, k, v, is_causal=q_len > 1, enable_gqa=True
             )
 
-    try:
-        call()
-    except RuntimeError as error:  # this backend does not take the shape
-        print(f"# {backend} refused {model.name} B={batch} q={q_len} ctx={context}: "
-              f"{str(error).splitlines()[0][:120]}")  # fmt: skip
-        return None
-    return call
+    peers = {}
+    for name, backend in PEERS.items():
+        try:
+            call(backend)
+        except RuntimeError as error:  # this backend does not take the shape
+            print(f"# {backend} refused {model.name} B={batch} q={q_len} ctx={context}: "
+                  f"{str(error).splitlines()[0][:120]}")  # fmt: skip
+            continue
+        peers[name] = partial(call, backend)
+    return peers
 
 
 def run_with_peers(
     shape: str, setup: Setup, call: Callable[[], object], peers: dict, amount: float, unit: str
 ) -> list[Result]:
     """Triton and each peer on one shape; Triton's speed-up is over the faster peer."""
-    timed = {}
-    for name, fn in peers.items():
-        if fn is not None:
-            timed[name] = time_kernel(fn, setup)
+    timed = {name: time_kernel(fn, setup) for name, fn in peers.items()}
     with ops.use_backend("triton"):
         ms = time_kernel(call, setup)
     best = min(timed.values(), default=None)
@@ -284,8 +284,7 @@ def bench_decode(model: Model, batch: int, context: int, setup: Setup) -> list[R
     shape = f"{model.name} decode B={batch} ctx={context}"
     call = partial(ops.paged_attention, *inputs, model.head_size**-0.5)
     if setup.cuda:
-        peers = {name: sdpa_call(model, batch, 1, context, setup, backend)
-                 for name, backend in PEERS.items()}  # fmt: skip
+        peers = sdpa_peers(model, batch, 1, context, setup)
         return run_with_peers(shape, setup, call, peers, amount, "GB/s")
     skip = kv_elems > CPU_REFERENCE_MAX_KV
     return run_backends("attention", shape, setup, call, amount, "GB/s", skip)
@@ -298,8 +297,7 @@ def bench_prefill(model: Model, length: int, setup: Setup, skip_reference: bool)
     shape = f"{model.name} prefill {length}"
     call = partial(ops.paged_attention, *inputs, model.head_size**-0.5)
     if setup.cuda:
-        peers = {name: sdpa_call(model, 1, length, length, setup, backend)
-                 for name, backend in PEERS.items()}  # fmt: skip
+        peers = sdpa_peers(model, 1, length, length, setup)
         return run_with_peers(shape, setup, call, peers, flops, "GFLOP/s")
     return run_backends("attention", shape, setup, call, flops, "GFLOP/s", skip_reference)
 
@@ -382,12 +380,12 @@ def bench_attention_tune(setup: Setup) -> list[Result]:
               for m in (QWEN2_7B, SMOLLM2) for n in (2048, 8192)]  # fmt: skip
     for model, seqs, name, configs in cases:
         inputs = attention_inputs(model, seqs, setup)
-        decode_only = all(q == 1 for _, q in seqs)
-        default_splits = tri._choose_splits(setup.device, len(seqs) * model.num_kv_heads)
         launches = [dict(zip(("block_m", "tile_n", "num_warps", "num_stages"), c))
                     for c in configs]  # fmt: skip
-        if decode_only:
+        if all(q == 1 for _, q in seqs):  # decode: the split count too
+            default_splits = tri._choose_splits(setup.device, len(seqs) * model.num_kv_heads)
             launches += [{"num_splits": max(1, int(default_splits * f))} for f in SPLIT_SCALES]
+            name += f" (default splits {default_splits})"
         timed = []
         for launch in launches:
             call = partial(tri.paged_attention_with, *inputs, model.head_size**-0.5, **launch)
@@ -396,7 +394,7 @@ def bench_attention_tune(setup: Setup) -> list[Result]:
             except Exception as error:  # a config that does not compile (shared memory)
                 print(f"# {name} {launch}: {type(error).__name__} {str(error)[:100]}")
         timed.sort(key=lambda t: t[0])
-        print(f"# {name} (default splits {default_splits})")
+        print(f"# {name}")
         for ms, launch in timed:
             print(f"#   {ms * 1e3:9.1f} us  {launch}")
             results.append(Result("attention", f"{name} {launch}", "triton", ms, None, 0, "-"))
