@@ -207,8 +207,15 @@ inline void unpack(const uint8_t* row, int64_t u, VF* w) {
 template <int N>
 inline void hsums(const VF* v, float* r) {
 #if defined(XLLM_ISA_AVX512)
-  const VecF s = hsum16<N>(reinterpret_cast<const VecF*>(v));
-  for (int i = 0; i < N; ++i) r[i] = s[i];
+  if constexpr (N <= 4) {
+    // One reduction per vector, all inlined: v (the tile's accumulators) stays in registers;
+    // handing its address to hsum16, which GCC does not inline, kept it in memory, and the
+    // single-row tile lost about 15% to it.
+    for (int i = 0; i < N; ++i) r[i] = _mm512_reduce_add_ps(reinterpret_cast<__m512>(v[i]));
+  } else {
+    const VecF s = hsum16<N>(reinterpret_cast<const VecF*>(v));
+    for (int i = 0; i < N; ++i) r[i] = s[i];
+  }
 #else
   for (int i = 0; i < N; ++i) {
     float t = 0.0f;
