@@ -279,6 +279,12 @@ void rows_range(const float* x, const uint8_t* w, int64_t row_bytes, const float
   thread_local std::vector<float> buffer;
   if (blocks > 1) buffer.resize(static_cast<size_t>(kNR * K));
   float* buf = buffer.data();
+  // The tiles before the prefetch distance, all requested at once: a range starts cold, and
+  // loaded on demand its first rows would wait for memory one line after another.
+  const char* head = reinterpret_cast<const char*>(w + n0 * row_bytes);
+  const char* head_end = reinterpret_cast<const char*>(
+      w + std::min(n0 + kPrefetchTiles * kNR, n1) * row_bytes);
+  for (; head < head_end; head += 64) __builtin_prefetch(head, 0, 2);
   for (int64_t n = n0; n < n1;) {
     const int nr = n + kNR <= n1 ? kNR : 1;
     const uint8_t* wt = w + n * row_bytes;
