@@ -284,7 +284,7 @@ void rows_range(const float* x, const uint8_t* w, int64_t row_bytes, const float
   const char* head = reinterpret_cast<const char*>(w + n0 * row_bytes);
   const char* head_end = reinterpret_cast<const char*>(
       w + std::min(n0 + kPrefetchTiles * kNR, n1) * row_bytes);
-  for (; head < head_end; head += 64) __builtin_prefetch(head, 0, 2);
+  Prefetch{head, head_end, static_cast<int>((head_end - head + 63) / 64)}.step();
   for (int64_t n = n0; n < n1;) {
     const int nr = n + kNR <= n1 ? kNR : 1;
     const uint8_t* wt = w + n * row_bytes;
