@@ -9,13 +9,14 @@
 namespace xllm {
 
 // One linear layer's weights: N rows of K, quantized (format, row_bytes) or float32 rows
-// (the "f32" format); bias [N] or null.
+// (the "f32" format); bias [N] or null; bf16: bfloat16 products allowed (see quant_linear).
 struct LinearWeights {
   const void* weight;
   int format;
   int64_t row_bytes;
   const float* bias;
   int64_t n, k;
+  bool bf16;
 };
 
 struct LayerWeights {
@@ -48,7 +49,8 @@ struct DecoderStep {
 // workspace sized by the largest step so far; one caller at a time.
 class DecoderStack {
  public:
-  // Float32 linears run the skinny GEMM up to linear_max_rows rows, the blocked one past it.
+  // Float32 linears run the skinny GEMM up to linear_max_rows rows, the blocked one past it
+  // (and always where bfloat16 products are allowed).
   DecoderStack(const DecoderShape& shape, std::vector<LayerWeights> layers,
                int64_t linear_max_rows);
   // out [T, hidden] = the last layer's output plus the residual stream, from x_in [T, hidden].

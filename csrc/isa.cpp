@@ -20,6 +20,7 @@ struct Variant {
   decltype(&generic::topk_logprobs) topk_logprobs;
   decltype(&generic::linear) linear;
   decltype(&generic::quant_linear) quant_linear;
+  decltype(&generic::bf16_products) bf16_products;
   decltype(&generic::dequantize) dequantize;
   decltype(&generic::rms_norm) rms_norm;
   decltype(&generic::silu_mul) silu_mul;
@@ -30,7 +31,7 @@ struct Variant {
 const Variant kVariants[] = {
     {"generic", [] { return true; }, generic::paged_attention, generic::topk_logprobs,
      generic::linear,
-     generic::quant_linear, generic::dequantize,
+     generic::quant_linear, generic::bf16_products, generic::dequantize,
      generic::rms_norm, generic::silu_mul, generic::rotary_write_kv},
 #if defined(__x86_64__)
     {"avx2",
@@ -40,7 +41,7 @@ const Variant kVariants[] = {
               __builtin_cpu_supports("f16c");
      },
      avx2::paged_attention, avx2::topk_logprobs, avx2::linear,
-     avx2::quant_linear, avx2::dequantize,
+     avx2::quant_linear, avx2::bf16_products, avx2::dequantize,
      avx2::rms_norm, avx2::silu_mul, avx2::rotary_write_kv},
     {"avx512",
      [] {
@@ -50,7 +51,7 @@ const Variant kVariants[] = {
               __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
      },
      avx512::paged_attention, avx512::topk_logprobs, avx512::linear,
-     avx512::quant_linear, avx512::dequantize,
+     avx512::quant_linear, avx512::bf16_products, avx512::dequantize,
      avx512::rms_norm, avx512::silu_mul, avx512::rotary_write_kv},
 #endif
 };
@@ -142,7 +143,7 @@ void check_rows(int format, int64_t row_bytes, int64_t N, int64_t K) {
 }  // namespace
 
 void quant_linear(const float* x, const uint8_t* weight, int format, int64_t row_bytes,
-                  const float* bias, float* y, int64_t M, int64_t N, int64_t K) {
+                  const float* bias, float* y, int64_t M, int64_t N, int64_t K, bool bf16) {
   check_rows(format, row_bytes, N, K);
   if (M < 0) throw std::invalid_argument("quant_linear: negative size");
   if (K == 0) {
@@ -150,8 +151,10 @@ void quant_linear(const float* x, const uint8_t* weight, int format, int64_t row
       for (int64_t n = 0; n < N; ++n) y[m * N + n] = bias != nullptr ? bias[n] : 0.0f;
     return;
   }
-  running().quant_linear(x, weight, format, row_bytes, bias, y, M, N, K);
+  running().quant_linear(x, weight, format, row_bytes, bias, y, M, N, K, bf16);
 }
+
+bool bf16_products(int64_t M) { return running().bf16_products(M); }
 
 void dequantize(const uint8_t* weight, int format, int64_t row_bytes, const int64_t* rows,
                 int64_t R, int64_t N, float* out, int64_t K) {

@@ -36,9 +36,12 @@ struct AttentionArgs {
   /* y [M, N] = x [M, K] @ weight [N, K]^T (+ bias [N] when not null), all contiguous. */     \
   void linear(const float* x, const float* weight, const float* bias, float* y, int64_t M,     \
               int64_t N, int64_t K);                                                           \
-  /* y [M, N] = x [M, K] @ W^T (+ bias) for W's N quantized rows of row_bytes at weight. */   \
+  /* y [M, N] = x [M, K] @ W^T (+ bias) for W's N quantized rows of row_bytes at weight; */   \
+  /* bf16: may round x and W to bfloat16 (products summed in float32) where that is faster. */\
   void quant_linear(const float* x, const uint8_t* weight, int format, int64_t row_bytes,      \
-                    const float* bias, float* y, int64_t M, int64_t N, int64_t K);             \
+                    const float* bias, float* y, int64_t M, int64_t N, int64_t K, bool bf16);  \
+  /* Whether quant_linear with bf16 allowed multiplies M rows of x in bfloat16. */             \
+  bool bf16_products(int64_t M);                                                               \
   /* out [R, K]: rows[i] (i when rows is null) of W's N rows, dequantized. */                  \
   void dequantize(const uint8_t* weight, int format, int64_t row_bytes, const int64_t* rows,   \
                   int64_t R, int64_t N, float* out, int64_t K);                                                  \

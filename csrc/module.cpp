@@ -26,16 +26,17 @@ T* ptr(uintptr_t p) {
   return reinterpret_cast<T*>(p);
 }
 
-// (weight, format name, row bytes, bias or 0, N, K) from Python.
-using LinearSpec = std::tuple<uintptr_t, std::string, int64_t, uintptr_t, int64_t, int64_t>;
+// (weight, format name, row bytes, bias or 0, N, K, bfloat16 products allowed) from Python.
+using LinearSpec =
+    std::tuple<uintptr_t, std::string, int64_t, uintptr_t, int64_t, int64_t, bool>;
 // (input norm, qkv, o, post-attention norm, gate_up, down).
 using LayerSpec =
     std::tuple<uintptr_t, LinearSpec, LinearSpec, uintptr_t, LinearSpec, LinearSpec>;
 
 xllm::LinearWeights linear_weights(const LinearSpec& spec) {
-  const auto& [weight, format, row_bytes, bias, n, k] = spec;
+  const auto& [weight, format, row_bytes, bias, n, k, bf16] = spec;
   return {ptr<const void>(weight), xllm::quant_format(format), row_bytes, ptr<const float>(bias),
-          n, k};
+          n, k, bf16};
 }
 
 xllm::DecoderStack make_stack(int64_t hidden, int64_t heads, int64_t kv_heads,
@@ -125,13 +126,18 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "quant_linear",
       [](uintptr_t x, uintptr_t weight, const std::string& format, int64_t row_bytes,
-         uintptr_t bias, uintptr_t y, int64_t M, int64_t N, int64_t K) {
+         uintptr_t bias, uintptr_t y, int64_t M, int64_t N, int64_t K, bool bf16) {
         const int f = xllm::quant_format(format);
         py::gil_scoped_release release;
         xllm::quant_linear(ptr<const float>(x), ptr<const uint8_t>(weight), f, row_bytes,
-                           ptr<const float>(bias), ptr<float>(y), M, N, K);
+                           ptr<const float>(bias), ptr<float>(y), M, N, K, bf16);
       },
-      "y = x @ W^T (+ bias; 0 for none) for W's quantized rows; see xllm.ops.reference.");
+      py::arg("x"), py::arg("weight"), py::arg("format"), py::arg("row_bytes"), py::arg("bias"),
+      py::arg("y"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("bf16") = false,
+      "y = x @ W^T (+ bias; 0 for none) for W's quantized rows; bf16: bfloat16 products "
+      "summed in float32. See xllm.ops.reference.");
+  m.def("bf16_products", &xllm::bf16_products,
+        "Whether quant_linear with bf16 allowed multiplies M rows of x in bfloat16 here.");
   m.def(
       "dequantize",
       [](uintptr_t weight, const std::string& format, int64_t row_bytes, uintptr_t rows, int64_t R,

@@ -14,7 +14,7 @@ from xllm.api.logprobs import CompletionLogprobs, chat_logprobs, finite
 from xllm.api.params import beam_fields, build_sampling_params
 from xllm.api.protocol import ChatCompletionRequest, CompletionRequest
 from xllm.api.streaming import ChunkWriter
-from xllm.cli import build_parser, parse_size, served_model_name
+from xllm.cli import build_parser, engine_config, parse_size, served_model_name
 from xllm.config import EngineConfig
 from xllm.engine.errors import InvalidParameter
 from xllm.engine.outputs import TokenLogprob
@@ -292,3 +292,6 @@ def test_serve_flags_and_help():
         assert flag in help_text
     args = parser.parse_args(["serve", "--kv-cache-memory", "2G", "--port", "1234"])
     assert args.kv_cache_memory == 2 << 30 and args.port == 1234
+    assert engine_config(args).matmul_precision == "highest"
+    args = parser.parse_args(["serve", "--matmul-precision", "medium"])
+    assert engine_config(args).matmul_precision == "medium"

@@ -20,6 +20,9 @@ class EngineConfig:
     # "auto": a GGUF file's quantized weights stay quantized, a folder keeps its dtype;
     # "int8": weight-only int8 per output row, made at load time; "none": all in `dtype`
     quantization: str = "auto"
+    # float32 linears on the CPU: "highest" multiplies in float32; "medium" lets them round
+    # x and W to bfloat16 (sums in float32) where that is faster, as torch's setting of the name
+    matmul_precision: str = "highest"
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps
     seed: int = 0
     enable_prefix_caching: bool = True

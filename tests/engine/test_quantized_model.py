@@ -1,5 +1,6 @@
 """Quantized weights in the engine: the default model served in its own Q4_1 format against the
-same weights dequantized to float32, and int8 of a random-weight model against its float32 run.
+same weights dequantized to float32, and int8 of a random-weight model against its float32 run;
+and the default model with bfloat16 products allowed (--matmul-precision medium) against float32.
 
 (The default model's engine, whose weights are Q4_1 now, is also compared with transformers'
 dequantized model by test_generate_hf.py at 1e-4.)
@@ -117,3 +118,57 @@ def test_int8_of_a_random_model(tiny_pair, smol_hf):
         ppl[name] = math.exp(nll)
     print(f"perplexity of the fixed text: {ppl}")
     assert abs(ppl["int8"] / ppl["float32"] - 1) <= 0.01, ppl
+
+
+# Eight chats in one batch: decode steps of 8 rows, past the kernels' register block of 4,
+# take bfloat16 products where the CPU has them.
+BATCH_QUESTIONS = CHAT_QUESTIONS + ["Name a colour.", "What is two plus two?",
+                                    "Say hello in French.", "Who wrote Hamlet?"]
+
+
+@pytest.fixture(scope="module")
+def smol_medium():
+    """The default model (Q4_1) with bfloat16 products allowed (--matmul-precision medium)."""
+    llm = LLM("default", matmul_precision="medium", max_model_len=1024, num_blocks=128)
+    yield llm
+    del llm
+    gc.collect()
+
+
+def test_bf16_products_of_the_default_model(smol_medium, smol_float, smol_hf):
+    """Teacher-forced on float32's greedy answers (all 8 prompts in one batch), the model with
+    bfloat16 products picks the same top token wherever float32's leads by CLEAR nats, and
+    its logprobs stay within bfloat16's reach of float32's (~0.06 measured)."""
+    from xllm.ops.cpu import _C
+
+    _, tokenizer = smol_hf
+    prompts = [chat_ids(tokenizer, q) for q in BATCH_QUESTIONS]
+    answers = run(smol_float, prompts, greedy(NEW_TOKENS))
+    texts = [p + out.outputs[0].token_ids for p, out in zip(prompts, answers, strict=True)]
+    medium = run(smol_medium, texts, SamplingParams(max_tokens=1, prompt_logprobs=1))
+    dense = run(smol_float, texts, SamplingParams(max_tokens=1, prompt_logprobs=2))
+    agree = total = clear = clear_agree = 0
+    worst = 0.0
+    for prompt, ids, a, b in zip(prompts, texts, medium, dense, strict=True):
+        for pos in range(len(prompt), len(ids)):
+            same = a.prompt_logprobs[pos].top[0][0] == ids[pos]
+            (_, first), (_, second) = b.prompt_logprobs[pos].top
+            total, agree = total + 1, agree + same
+            if first - second > CLEAR:
+                clear, clear_agree = clear + 1, clear_agree + same
+            worst = max(worst, abs(a.prompt_logprobs[pos].logprob - b.prompt_logprobs[pos].logprob))
+    generated = run(smol_medium, prompts, greedy(NEW_TOKENS))
+    identical = sum(x.outputs[0].token_ids == y.outputs[0].token_ids
+                    for x, y in zip(generated, answers, strict=True))
+    print(f"bfloat16 products: top-1 agrees on {agree} of {total} tokens ({clear_agree} of "
+          f"{clear} clear), logprobs within {worst:.4f}; {identical} of {len(prompts)} greedy "
+          f"answers identical")
+    assert clear_agree == clear and agree >= 0.95 * total, (agree, total, clear_agree, clear)
+    assert worst <= 0.25, worst
+    if _C.bf16_products(len(prompts)):  # they did run: the logprobs moved
+        assert worst > 1e-4, worst
+
+
+def test_unknown_matmul_precision_is_refused():
+    with pytest.raises(ValueError, match="highest or medium"):
+        LLM("default", matmul_precision="high", num_blocks=8)

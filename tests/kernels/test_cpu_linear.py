@@ -132,3 +132,17 @@ def test_shape_mismatch_raises():
     weight, _ = weights(64, 17)
     with pytest.raises(RuntimeError):
         cpu.linear(activations(2, 63), weight)
+
+
+@pytest.mark.parametrize("k", [64, 576, 1000])  # 1000: not a multiple of 32, float32 always
+@pytest.mark.parametrize("m", [1, 5, 64, 200])
+def test_bf16_products(m, k):
+    """Float rows with bfloat16 products allowed: the blocked kernel's choice
+    (`_C.bf16_products`), the reference's rounded product where it takes them."""
+    weight, bias = weights(k, 17)
+    x = activations(m, k)
+    bf16 = k % 32 == 0 and _C.bf16_products(m)
+    want = reference.linear(x, weight, bias, bf16_products=bf16)
+    torch.testing.assert_close(cpu.linear(x, weight, bias, bf16_products=True), want, **TOL)
+    if bf16:
+        assert not torch.allclose(want, reference.linear(x, weight, bias), **TOL)

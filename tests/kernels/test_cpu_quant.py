@@ -127,3 +127,28 @@ def test_dequantize_checks_rows():
 def test_quantized_tensor_shape():
     data = random_rows("q6_k", 3, 512, torch.Generator().manual_seed(0))
     assert QuantizedTensor("q6_k", data).shape == (3, 512)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("m", [1, 4, 5, 16, 17, 64, 130])
+def test_bf16_products(qtype, m):
+    """Allowed bfloat16 products: where the kernel takes them (`_C.bf16_products`), the
+    reference's product of x and W rounded to bfloat16 (only the order of the float32 sums
+    differs); elsewhere the float32 product."""
+    k = depths(qtype)[-1]
+    x, data, bias = case(qtype, m, 33, k)
+    rounded = reference.quant_linear(x, data, qtype, bias, bf16_products=True)
+    exact = reference.quant_linear(x, data, qtype, bias)
+    assert not torch.allclose(rounded, exact, **TOL)  # the two products are told apart
+    want = rounded if cpu._C.bf16_products(m) else exact
+    torch.testing.assert_close(cpu.quant_linear(x, data, qtype, bias, True), want, **TOL)
+    torch.testing.assert_close(ops.quant_linear(x, data, qtype, None, True), want - bias, **TOL)
+
+
+def test_bf16_products_run_where_the_cpu_has_them(cpu_isa):
+    """AVX-512 BF16's dot products serve batches past one register block of rows; other
+    variants and CPUs, and single rows (bound by unpacking, not multiplying), stay float32."""
+    with open("/proc/cpuinfo") as f:
+        bf16_cpu = "avx512_bf16" in f.read().split()
+    assert cpu._C.bf16_products(64) == (cpu_isa == "avx512" and bf16_cpu)
+    assert not cpu._C.bf16_products(1)

@@ -33,9 +33,11 @@ def hold_quantized(module: nn.Module, weight: QuantizedTensor, shape: tuple[int,
 
 class Linear(nn.Linear):
     """nn.Linear whose product runs through `ops.linear` (the C++ skinny GEMM on the CPU),
-    or through `ops.quant_linear` once `quantize` gave it quantized rows instead of weight."""
+    or through `ops.quant_linear` once `quantize` gave it quantized rows instead of weight.
+    `bf16_products` (see `allow_bf16_products`) lets the kernels multiply in bfloat16."""
 
     qtype: str | None = None
+    bf16_products: bool = False
 
     def quantize(self, weight: QuantizedTensor) -> None:
         """Serve `weight` (quantized rows [out, in]) from now on; the float weight is freed."""
@@ -43,8 +45,8 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.qtype is not None:
-            return ops.quant_linear(x, self.qdata, self.qtype, self.bias)
-        return ops.linear(x, self.weight, self.bias)
+            return ops.quant_linear(x, self.qdata, self.qtype, self.bias, self.bf16_products)
+        return ops.linear(x, self.weight, self.bias, self.bf16_products)
 
 
 class Embedding(nn.Embedding):
@@ -75,6 +77,18 @@ def quantize_linears(model: nn.Module) -> int:
             module.quantize(quantize_int8(module.weight.data))
             count += 1
     return count
+
+
+def allow_bf16_products(model: nn.Module) -> int:
+    """Let every Linear's kernel multiply x and W rounded to bfloat16, summing in float32,
+    where that is faster (torch's "medium" float32 matmul precision); returns how many."""
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    for module in linears:
+        module.bf16_products = True
+    for module in model.modules():
+        if isinstance(module, LlamaForCausalLM):
+            module._stack = None  # the decoder stack holds the flags: build it again
+    return len(linears)
 
 
 # Model types whose q, k and v projections carry biases.
@@ -264,7 +278,8 @@ class LlamaForCausalLM(nn.Module):
     def _layer_weights(self) -> list[LayerWeights]:
         def weights(linear: Linear) -> LinearWeights:
             weight = linear.weight if linear.qtype is None else linear.qdata
-            return LinearWeights(weight, linear.qtype, linear.bias, linear.in_features)
+            return LinearWeights(weight, linear.qtype, linear.bias, linear.in_features,
+                                 linear.bf16_products)
 
         return [LayerWeights(layer.input_layernorm.weight, weights(layer.self_attn.qkv_proj),
                              weights(layer.self_attn.o_proj), layer.post_attention_layernorm.weight,

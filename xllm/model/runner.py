@@ -30,7 +30,7 @@ from xllm.model.config import ARCHITECTURES
 from xllm.model.context import AttentionContext, set_context
 from xllm.model.cuda_graphs import DecodeGraphs
 from xllm.model.device import Staging, free_gpu_memory, resolve_device, resolve_dtype
-from xllm.model.llama import quantize_linears
+from xllm.model.llama import allow_bf16_products, quantize_linears
 from xllm.model.loader import gguf_source, iterate_weights
 
 logger = logging.getLogger(__name__)
@@ -80,6 +80,9 @@ class ModelRunner:
         return self.device.type == "cuda"
 
     def _load_model(self) -> torch.nn.Module:
+        if self.config.matmul_precision not in ("highest", "medium"):
+            raise ValueError(f"matmul_precision {self.config.matmul_precision!r}: "
+                             "highest or medium")
         model = ARCHITECTURES[self.hf_config.model_type](self.hf_config, self.max_model_len)
         gguf = gguf_source(self.config.model)
         if gguf is not None and self.config.quantization == "auto":
@@ -92,6 +95,9 @@ class ModelRunner:
             model.load_weights(iterate_weights(self.folder))
         if self.config.quantization == "int8":
             logger.info("int8 weights for %d linear layers", quantize_linears(model))
+        if self.config.matmul_precision == "medium":
+            logger.info("bfloat16 products allowed in %d linear layers",
+                        allow_bf16_products(model))
         return model.to(device=self.device, dtype=self.dtype).eval()
 
     def _kv_cache_memory(self) -> int:

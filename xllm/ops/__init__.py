@@ -89,14 +89,14 @@ def beam_prune(beam_scores, cand_tokens, cand_logprobs, num_keep):
     return backend_for(beam_scores).beam_prune(beam_scores, cand_tokens, cand_logprobs, num_keep)
 
 
-def linear(x, weight, bias=None):
+def linear(x, weight, bias=None, bf16_products=False):
     """See `reference.linear`."""
-    return backend_for(x).linear(x, weight, bias)
+    return backend_for(x).linear(x, weight, bias, bf16_products)
 
 
-def quant_linear(x, data, qtype, bias=None):
+def quant_linear(x, data, qtype, bias=None, bf16_products=False):
     """See `reference.quant_linear`."""
-    return backend_for(x).quant_linear(x, data, qtype, bias)
+    return backend_for(x).quant_linear(x, data, qtype, bias, bf16_products)
 
 
 def dequantize(data, qtype, rows=None):

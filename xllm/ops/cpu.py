@@ -220,9 +220,15 @@ def beam_prune(
     return parents, tokens, scores
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    bf16_products: bool = False,
+) -> torch.Tensor:
     """See `xllm.ops.reference.linear`: the C++ skinny GEMM for up to LINEAR_MAX_ROWS rows,
-    the blocked kernel of the quantized formats (float32 rows as its "f32" format) for more.
+    the blocked kernel of the quantized formats (float32 rows as its "f32" format) for more,
+    and for any number where bfloat16 products are allowed (it decides where they pay).
 
     Kept thin (a decode step calls it once per projection, ~3 us here against ~2 us for
     F.linear). Other dtypes, non-contiguous tensors, tensors off the CPU and K = 0 (or, past
@@ -247,11 +253,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         bias = bias.contiguous()
     out = torch.empty(m, n, dtype=_F32)  # int sizes: ~0.5 us cheaper than a tuple
     bias_ptr = 0 if bias is None else bias.data_ptr()
-    if m <= LINEAR_MAX_ROWS:
+    if m <= LINEAR_MAX_ROWS and not bf16_products:
         _C.linear(x.data_ptr(), weight.data_ptr(), bias_ptr, out.data_ptr(), m, n, k)
     elif k % 32 == 0:
         _C.quant_linear(x.data_ptr(), weight.data_ptr(), "f32", 4 * k, bias_ptr, out.data_ptr(),
-                        m, n, k)
+                        m, n, k, bf16_products)
+    elif m <= LINEAR_MAX_ROWS:
+        _C.linear(x.data_ptr(), weight.data_ptr(), bias_ptr, out.data_ptr(), m, n, k)
     else:
         return F.linear(x, weight, bias)
     return out if x.dim() == 2 else out.view(*x.shape[:-1], n)
@@ -267,7 +275,11 @@ def _quant_rows(data: torch.Tensor, qtype: str) -> int:
 
 
 def quant_linear(
-    x: torch.Tensor, data: torch.Tensor, qtype: str, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    data: torch.Tensor,
+    qtype: str,
+    bias: torch.Tensor | None = None,
+    bf16_products: bool = False,
 ) -> torch.Tensor:
     """See `xllm.ops.reference.quant_linear`: the rows unpacked in registers, for any number
     of rows of x (beats dequantizing into F.linear, MKL, at every size measured).
@@ -291,7 +303,7 @@ def quant_linear(
     out = torch.empty(m, n, dtype=_F32)
     _C.quant_linear(
         x.data_ptr(), data.data_ptr(), qtype, data.shape[1],
-        0 if bias is None else bias.data_ptr(), out.data_ptr(), m, n, k,
+        0 if bias is None else bias.data_ptr(), out.data_ptr(), m, n, k, bf16_products,
     )  # fmt: skip
     return out if x.dim() == 2 else out.view(*x.shape[:-1], n)
 
@@ -434,7 +446,7 @@ class DecoderStack:
             if w.bias.shape != (n,) or not w.bias.is_contiguous():
                 raise ValueError(f"bias must be a contiguous [{n}]")
             bias = w.bias.data_ptr()
-        return w.weight.data_ptr(), qtype, row_bytes, bias, n, k
+        return w.weight.data_ptr(), qtype, row_bytes, bias, n, k, w.bf16_products
 
     def __call__(
         self,

@@ -20,9 +20,18 @@ from xllm_triton.fused import rms_norm_kernel, rotary_write_kv_kernel, silu_mul_
 from xllm_triton.logprobs import chunk_stats_kernel, chunk_topk_kernel, merge_topk_kernel
 from xllm_triton.quant import SUB, dequantize_kernel, quant_linear_kernel
 
-# Linear layers on CUDA are cuBLAS's job (tuned GEMMs and tensor cores); a Triton GEMM here
-# would only add compile time. Same signature as `xllm.ops.reference.linear`.
-linear = torch.nn.functional.linear
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    bf16_products: bool = False,
+) -> torch.Tensor:
+    """See `xllm.ops.reference.linear`. Linear layers on CUDA are cuBLAS's job (tuned GEMMs
+    and tensor cores); a Triton GEMM here would only add compile time. bf16_products allows,
+    it does not require: cuBLAS follows torch's own float32 matmul precision."""
+    return torch.nn.functional.linear(x, weight, bias)
+
 
 INTERPRETED = not isinstance(write_kv_kernel, triton.runtime.JITFunction)
 VOCAB_CHUNK = 4096
@@ -306,9 +315,14 @@ def _check_quantized(data: torch.Tensor, qtype: str) -> int:
 
 
 def quant_linear(
-    x: torch.Tensor, data: torch.Tensor, qtype: str, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    data: torch.Tensor,
+    qtype: str,
+    bias: torch.Tensor | None = None,
+    bf16_products: bool = False,
 ) -> torch.Tensor:
-    """See `xllm.ops.reference.quant_linear`; returns x's dtype (accumulates in float32).
+    """See `xllm.ops.reference.quant_linear`; returns x's dtype (accumulates in float32);
+    bf16_products is allowed, not used: on CUDA the model runs in bfloat16 anyway.
 
     The weights are unpacked in the kernel, 32 at a time; no dequantized copy of them is made.
     """

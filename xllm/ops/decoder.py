@@ -11,6 +11,7 @@ class LinearWeights(NamedTuple):
     qtype: str | None  # None: float rows
     bias: torch.Tensor | None  # [N]
     in_features: int  # K
+    bf16_products: bool = False  # allowed where they pay (see `ops.linear`)
 
 
 class LayerWeights(NamedTuple):

@@ -128,9 +128,28 @@ def beam_prune(
     return parents.gather(1, order), tokens.gather(1, order), scores.gather(1, order)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ weight^T (+ bias): x [..., K], weight [N, K], bias [N]; returns [..., N]."""
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    bf16_products: bool = False,
+) -> torch.Tensor:
+    """y = x @ weight^T (+ bias): x [..., K], weight [N, K], bias [N]; returns [..., N].
+
+    bf16_products: the kernels may multiply x and weight rounded to bfloat16 (summing in
+    float32) where that is faster, as torch's "medium" float32 matmul precision allows; the
+    reference gives that rounded product (`bf16_product`)."""
+    if bf16_products:
+        return bf16_product(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)
+
+
+def bf16_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight^T (+ bias) of x and weight rounded to bfloat16, in float32."""
+    def rounded(t: torch.Tensor) -> torch.Tensor:
+        return t.to(torch.bfloat16).to(torch.float32)
+
+    return torch.nn.functional.linear(rounded(x), rounded(weight), bias).to(x.dtype)
 
 
 def _f16(raw: torch.Tensor) -> torch.Tensor:
@@ -200,10 +219,15 @@ def dequantize(data: torch.Tensor, qtype: str, rows: torch.Tensor | None = None)
 
 
 def quant_linear(
-    x: torch.Tensor, data: torch.Tensor, qtype: str, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    data: torch.Tensor,
+    qtype: str,
+    bias: torch.Tensor | None = None,
+    bf16_products: bool = False,
 ) -> torch.Tensor:
-    """y = x @ W^T (+ bias) for W the quantized rows data [N, row_bytes]: x [..., K] float32."""
-    return torch.nn.functional.linear(x.float(), dequantize(data, qtype), bias)
+    """y = x @ W^T (+ bias) for W the quantized rows data [N, row_bytes]: x [..., K] float32.
+    bf16_products: as in `linear`."""
+    return linear(x.float(), dequantize(data, qtype), bias, bf16_products)
 
 
 def rms_norm(
