@@ -30,7 +30,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     dtype = DTYPES[name]
     if device.type == "cpu" and dtype != torch.float32:
         raise ValueError(f"dtype {name} is not served on the CPU (its kernels take float32); "
-                         "use --dtype float32 or auto")
+                         "use --dtype float32 or auto (--matmul-precision medium lets the "
+                         "linear layers multiply in bfloat16)")
     return dtype
 
 
