@@ -14,6 +14,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -242,9 +243,40 @@ inline void softmax_dot(float* st, int rows, int nk, float* m, float* l, float* 
   }
 }
 
+// The end of an item's keys: its range, cut by the causal mask at its last query.
+inline int32_t key_end(const AttentionArgs& a, const Item& it) {
+  const int32_t q_len = a.query_start_loc[it.seq + 1] - a.query_start_loc[it.seq];
+  const int32_t last = a.seq_lens[it.seq] - q_len + it.q1 - 1;  // position of its last query
+  return std::min<int32_t>(it.k1, last + 1);
+}
+
+// Slot pointers (all kv heads) of the item's chunk at kc (< kend) into kdst/vdst, padded to
+// kChunk + kLanes with the last one; returns the key count.
+inline int gather(const AttentionArgs& a, const Geometry& g, const Item& it, int32_t kc,
+                  int32_t kend, const float** kdst, const float** vdst) {
+  const int32_t* bt = a.block_tables + it.seq * a.max_blocks;
+  const int32_t bs = static_cast<int32_t>(a.block_size);
+  const int nk = std::min<int32_t>(kChunk, kend - kc);
+  int32_t bi = kc / bs, off = kc % bs;
+  for (int j = 0; j < nk; ++j) {
+    const int64_t slot = static_cast<int64_t>(bt[bi]) * bs + off;
+    kdst[j] = a.k_cache + slot * g.row_stride;
+    vdst[j] = a.v_cache + slot * g.row_stride;
+    if (++off == bs) {
+      off = 0;
+      ++bi;
+    }
+  }
+  for (int j = nk; j < kChunk + kLanes; ++j) kdst[j] = kdst[nk - 1];  // pads key blocks
+  return nk;
+}
+
+// One item; `after` (or null) is the item this thread runs next, whose first chunk is
+// prefetched during this item's last one: short items (decodes of a few hundred keys) would
+// otherwise start every one of them cold.
 template <int DV>
-void run_item(const AttentionArgs& a, const Geometry& g, const Item& it, Scratch& sc,
-              float* partials) {
+void run_item(const AttentionArgs& a, const Geometry& g, const Item& it, const Item* after,
+              Scratch& sc, float* partials) {
   constexpr int D = DV * kLanes;
   const int64_t G = g.group;
   const int32_t start = a.query_start_loc[it.seq];
@@ -286,47 +318,41 @@ void run_item(const AttentionArgs& a, const Geometry& g, const Item& it, Scratch
   std::fill(sc.acc.begin(), sc.acc.begin() + static_cast<int64_t>(nh) * rp * D, 0.0f);
   for (int r = 0; r < rp; ++r) pos[r] = r < rows ? p0 + static_cast<int32_t>(r / G) : INT32_MAX;
 
-  const int32_t* bt = a.block_tables + it.seq * a.max_blocks;
-  const int32_t last = p0 + nq - 1;
-  const int32_t kend = std::min<int32_t>(it.k1, last + 1);
-  const int32_t bs = static_cast<int32_t>(a.block_size);
-  // Slot pointers (all kv heads) of the chunk at kc into kdst/vdst; returns the key count.
-  auto gather = [&](int32_t kc, const float** kdst, const float** vdst) {
-    const int nk = std::min<int32_t>(kChunk, kend - kc);
-    int32_t bi = kc / bs, off = kc % bs;
-    for (int j = 0; j < nk; ++j) {
-      const int64_t slot = static_cast<int64_t>(bt[bi]) * bs + off;
-      kdst[j] = a.k_cache + slot * g.row_stride;
-      vdst[j] = a.v_cache + slot * g.row_stride;
-      if (++off == bs) {
-        off = 0;
-        ++bi;
-      }
-    }
-    for (int j = nk; j < kChunk + kLanes; ++j) kdst[j] = kdst[nk - 1];  // pads key blocks
-    return nk;
-  };
+  const int32_t kend = key_end(a, it);
   const float** kp = sc.kp.data();
   const float** vp = sc.vp.data();
   const float** kp_next = sc.kp.data() + kChunk + kLanes;
   const float** vp_next = sc.vp.data() + kChunk + kLanes;
-  int nk_next = it.k0 < kend ? gather(it.k0, kp_next, vp_next) : 0;
+  int nk_next = it.k0 < kend ? gather(a, g, it, it.k0, kend, kp_next, vp_next) : 0;
   Prefetcher pf;
   pf.d0 = it.h0 * D;
   pf.d1 = it.h1 * D;
-  const int64_t slot_lines = (pf.d1 - pf.d0) / kLanes;
+  int64_t slot_lines = (pf.d1 - pf.d0) / kLanes;
 
   for (int32_t kc = it.k0; kc < kend; kc += kChunk) {
     std::swap(kp, kp_next);
     std::swap(vp, vp_next);
     const int nk = nk_next;
-    nk_next = kc + kChunk < kend ? gather(kc + kChunk, kp_next, vp_next) : 0;
+    nk_next = kc + kChunk < kend ? gather(a, g, it, kc + kChunk, kend, kp_next, vp_next) : 0;
     pf.kp = kp_next;
     pf.vp = vp_next;
     pf.n = nk_next;
+    if (nk_next == 0 && after != nullptr) {  // the last chunk: fetch the next item's first
+      const int32_t after_end = key_end(a, *after);
+      if (after->k0 < after_end) {
+        const float** ka = sc.kp.data() + 2 * (kChunk + kLanes);
+        const float** va = sc.vp.data() + 2 * (kChunk + kLanes);
+        pf.kp = ka;
+        pf.vp = va;
+        pf.n = gather(a, g, *after, after->k0, after_end, ka, va);
+        pf.d0 = after->h0 * D;
+        pf.d1 = after->h1 * D;
+        slot_lines = (pf.d1 - pf.d0) / kLanes;
+      }
+    }
     pf.j = 0;
     pf.d = pf.d0;
-    pf.per_step = static_cast<int>((nk_next * slot_lines + nh * nk - 1) / (nh * nk));
+    pf.per_step = static_cast<int>((pf.n * slot_lines + nh * nk - 1) / (nh * nk));
     const bool diagonal = kc + nk - 1 > p0;  // the causal mask cuts this chunk
     for (int hi = 0; hi < nh; ++hi) {
       const float* qbuf = sc.q.data() + hi * qsize;
@@ -564,6 +590,7 @@ void paged_attention(const AttentionArgs& a) {
   const int64_t max_rows = round_up(std::max<int64_t>(tile_q * G, G), kLanes);
   const int64_t state = num_kv_heads * max_rows;
   const int64_t nitems = static_cast<int64_t>(items.size());
+  std::atomic<int64_t> next{0};
 #pragma omp parallel if (parallel)
   {
     thread_local Scratch sc;
@@ -578,20 +605,24 @@ void paged_attention(const AttentionArgs& a) {
       sc.alpha.resize(state);
     }
     if (static_cast<int64_t>(sc.pos.size()) < max_rows) sc.pos.resize(max_rows);
-    sc.kp.resize(2 * (kChunk + kLanes));
-    sc.vp.resize(2 * (kChunk + kLanes));
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < nitems; ++i) {
+    sc.kp.resize(3 * (kChunk + kLanes));  // this chunk, the next, the next item's first
+    sc.vp.resize(3 * (kChunk + kLanes));
+    // Items handed out one at a time (as schedule(dynamic, 1)), each thread taking its next
+    // one before it runs the current, so that it knows what to prefetch.
+    for (int64_t i = next.fetch_add(1); i < nitems;) {
+      const int64_t j = next.fetch_add(1);
       const Item& it = items[i];
+      const Item* after = j < nitems ? &items[j] : nullptr;
       switch (D) {
-        case 32: run_item<2>(a, g, it, sc, partials.data()); break;
-        case 64: run_item<4>(a, g, it, sc, partials.data()); break;
-        case 80: run_item<5>(a, g, it, sc, partials.data()); break;
-        case 96: run_item<6>(a, g, it, sc, partials.data()); break;
-        case 128: run_item<8>(a, g, it, sc, partials.data()); break;
-        case 256: run_item<16>(a, g, it, sc, partials.data()); break;
+        case 32: run_item<2>(a, g, it, after, sc, partials.data()); break;
+        case 64: run_item<4>(a, g, it, after, sc, partials.data()); break;
+        case 80: run_item<5>(a, g, it, after, sc, partials.data()); break;
+        case 96: run_item<6>(a, g, it, after, sc, partials.data()); break;
+        case 128: run_item<8>(a, g, it, after, sc, partials.data()); break;
+        case 256: run_item<16>(a, g, it, after, sc, partials.data()); break;
         default: run_item_scalar(a, g, it, sc, partials.data()); break;
       }
+      i = j;
     }
   }
   if (!splits.empty()) {
