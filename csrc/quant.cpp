@@ -213,10 +213,10 @@ inline void unpack(const uint8_t* row, int64_t u, VF* w) {
   }
 }
 
-// r[i] = the sum of v[i]'s lanes, i < N. Always inlined, and v (the tile's accumulators) is
-// never handed on by address: GCC would then keep the accumulators in memory for the whole
-// loop (one load and one store per multiply-add: the one-row tile lost about 15% to it, and
-// the bfloat16 4 x 4 tile a third).
+// r[i] = the sum of v[i]'s lanes, i < N. Always inlined (GCC stopped inlining it once the
+// tile became a template over its products), and for N <= 4 v (the tile's accumulators) is
+// never handed on by address: GCC would then keep them in memory for the whole loop, one
+// load and one store per multiply-add (the one-row tile lost about 15% to it).
 template <int N>
 [[gnu::always_inline]] inline void hsums(const VF* v, float* r) {
 #if defined(XLLM_ISA_AVX512)
