@@ -85,6 +85,27 @@ def tiny_pair(tiny_folders):
     gc.collect()
 
 
+def teacher_forced(llm: LLM, dense: LLM, prompts: list[list[int]],
+                   answers: list) -> tuple[int, int, int, int, float]:
+    """llm's top token at each answer position of dense's greedy answers, all texts scored in
+    one batch: (agree, total, clear_agree, clear, worst |logprob - dense's|), clear counting the
+    positions where dense's best token leads its second by more than CLEAR nats."""
+    texts = [p + out.outputs[0].token_ids for p, out in zip(prompts, answers, strict=True)]
+    scored = run(llm, texts, SamplingParams(max_tokens=1, prompt_logprobs=1))
+    reference = run(dense, texts, SamplingParams(max_tokens=1, prompt_logprobs=2))
+    agree = total = clear = clear_agree = 0
+    worst = 0.0
+    for prompt, ids, a, b in zip(prompts, texts, scored, reference, strict=True):
+        for pos in range(len(prompt), len(ids)):
+            same = a.prompt_logprobs[pos].top[0][0] == ids[pos]
+            (_, first), (_, second) = b.prompt_logprobs[pos].top
+            total, agree = total + 1, agree + same
+            if first - second > CLEAR:
+                clear, clear_agree = clear + 1, clear_agree + same
+            worst = max(worst, abs(a.prompt_logprobs[pos].logprob - b.prompt_logprobs[pos].logprob))
+    return agree, total, clear_agree, clear, worst
+
+
 def test_int8_of_a_random_model(tiny_pair, smol_hf):
     dense, int8 = tiny_pair
     assert formats(int8) == {"int8": 3 * 4 + 1, "float32": 1}  # the embedding stays float32
@@ -93,17 +114,7 @@ def test_int8_of_a_random_model(tiny_pair, smol_hf):
     float_runs = run(dense, prompts, greedy(32))
     # Teacher-forced: int8's top token at each position of the float32 model's greedy text,
     # overall and where float32's best token leads its second by more than CLEAR nats.
-    agree = total = clear = clear_agree = 0
-    for prompt, out in zip(prompts, float_runs, strict=True):
-        ids = prompt + out.outputs[0].token_ids
-        scored = run(int8, [ids], SamplingParams(max_tokens=1, prompt_logprobs=1))[0]
-        dense_scored = run(dense, [ids], SamplingParams(max_tokens=1, prompt_logprobs=2))[0]
-        for pos in range(len(prompt), len(ids)):
-            same = scored.prompt_logprobs[pos].top[0][0] == ids[pos]
-            (_, first), (_, second) = dense_scored.prompt_logprobs[pos].top
-            total, agree = total + 1, agree + same
-            if first - second > CLEAR:
-                clear, clear_agree = clear + 1, clear_agree + same
+    agree, total, clear_agree, clear, _ = teacher_forced(int8, dense, prompts, float_runs)
     print(f"int8 top-1 agrees with float32 greedy on {agree} of {total} tokens, "
           f"{clear_agree} of the {clear} with a margin over {CLEAR}")
     # A random model is chaotic: its logits are large (the text's tokens score around -20)
@@ -144,19 +155,8 @@ def test_bf16_products_of_the_default_model(smol_medium, smol_float, smol_hf):
     _, tokenizer = smol_hf
     prompts = [chat_ids(tokenizer, q) for q in BATCH_QUESTIONS]
     answers = run(smol_float, prompts, greedy(NEW_TOKENS))
-    texts = [p + out.outputs[0].token_ids for p, out in zip(prompts, answers, strict=True)]
-    medium = run(smol_medium, texts, SamplingParams(max_tokens=1, prompt_logprobs=1))
-    dense = run(smol_float, texts, SamplingParams(max_tokens=1, prompt_logprobs=2))
-    agree = total = clear = clear_agree = 0
-    worst = 0.0
-    for prompt, ids, a, b in zip(prompts, texts, medium, dense, strict=True):
-        for pos in range(len(prompt), len(ids)):
-            same = a.prompt_logprobs[pos].top[0][0] == ids[pos]
-            (_, first), (_, second) = b.prompt_logprobs[pos].top
-            total, agree = total + 1, agree + same
-            if first - second > CLEAR:
-                clear, clear_agree = clear + 1, clear_agree + same
-            worst = max(worst, abs(a.prompt_logprobs[pos].logprob - b.prompt_logprobs[pos].logprob))
+    agree, total, clear_agree, clear, worst = teacher_forced(smol_medium, smol_float, prompts,
+                                                             answers)
     generated = run(smol_medium, prompts, greedy(NEW_TOKENS))
     identical = sum(x.outputs[0].token_ids == y.outputs[0].token_ids
                     for x, y in zip(generated, answers, strict=True))

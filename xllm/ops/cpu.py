@@ -253,9 +253,7 @@ def linear(
         bias = bias.contiguous()
     out = torch.empty(m, n, dtype=_F32)  # int sizes: ~0.5 us cheaper than a tuple
     bias_ptr = 0 if bias is None else bias.data_ptr()
-    if m <= LINEAR_MAX_ROWS and not bf16_products:
-        _C.linear(x.data_ptr(), weight.data_ptr(), bias_ptr, out.data_ptr(), m, n, k)
-    elif k % 32 == 0:
+    if k % 32 == 0 and (bf16_products or m > LINEAR_MAX_ROWS):
         _C.quant_linear(x.data_ptr(), weight.data_ptr(), "f32", 4 * k, bias_ptr, out.data_ptr(),
                         m, n, k, bf16_products)
     elif m <= LINEAR_MAX_ROWS:
