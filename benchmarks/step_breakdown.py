@@ -458,6 +458,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per sequence")
     parser.add_argument("--quantization", choices=["auto", "int8", "none"], default="auto")
     parser.add_argument("--matmul-precision", choices=["highest", "medium"], default="highest")
+    parser.add_argument("--kv-cache-dtype", choices=["auto", "bfloat16"], default="auto")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: all cores)")
     parser.add_argument("--model", default="default")
@@ -468,7 +469,8 @@ def main() -> None:
     # An older checkout (PYTHONPATH, for a before/after) may predate these options.
     fields = EngineConfig.__annotations__
     extra = {name: value for name, value in (("quantization", args.quantization),
-                                             ("matmul_precision", args.matmul_precision))
+                                             ("matmul_precision", args.matmul_precision),
+                                             ("kv_cache_dtype", args.kv_cache_dtype))
              if name in fields}
     llm = LLM(model=args.model, device="cpu", **extra,
               num_threads=args.threads, max_num_seqs=max(64, largest),
@@ -482,7 +484,7 @@ def main() -> None:
     print("# Decode step breakdown (CPU)\n")
     print(f"model {args.model} ({type(model).__name__}, {len(model.layers)} layers, vocab "
           f"{vocab}), quantization {args.quantization} (linear weights: {', '.join(qtypes)}), "
-          f"matmul precision {args.matmul_precision}, "
+          f"matmul precision {args.matmul_precision}, KV cache {args.kv_cache_dtype}, "
           f"kernels {backend}, {torch.get_num_threads()} thread(s), {cpu_name()}; "
           f"{PROMPT_TOKENS}-token prompts, {args.tokens} new tokens, greedy, "
           f"{'layer by layer' if args.layer_by_layer else 'decoder stack where offered'}. "

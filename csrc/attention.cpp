@@ -11,6 +11,8 @@
 // While a chunk is computed, the next chunk's K/V lines are prefetched into L2 a few at a
 // time (decodes stream from memory). Long key ranges of few items are split (flash
 // decoding) and merged afterwards, so one long sequence still keeps every thread busy.
+// The caches hold float32, or bfloat16 (kv_bf16): half the bytes to stream, each key and value
+// widened to float32 exactly as it is loaded; the math is float32 either way.
 #include <omp.h>
 
 #include <algorithm>
@@ -18,6 +20,7 @@
 #include <cmath>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -53,7 +56,9 @@ struct Split {
 
 struct Scratch {
   std::vector<float> q, s, acc, m, l, alpha;
-  std::vector<const float*> kp, vp;
+  std::vector<const void*> kp, vp;  // slots of the current chunk, the next, the next item's
+  std::vector<float> kf, vf;         // a chunk's bfloat16 keys and values of one head, widened
+  std::vector<const void*> kfp, vfp;  // their rows, padded as kp
   std::vector<int32_t> pos;
 };
 
@@ -66,16 +71,16 @@ struct Geometry {
 // Software prefetch of the next chunk's K/V lines into L2, a few lines per key step of
 // the current chunk, so that memory streams while the current chunk is computed.
 struct Prefetcher {
-  const float* const* kp = nullptr;
-  const float* const* vp = nullptr;
+  const void* const* kp = nullptr;
+  const void* const* vp = nullptr;
   int n = 0, j = 0;      // slots to fetch; the next one
-  int64_t d0 = 0, d1 = 0, d = 0;  // floats of a slot to fetch: [d0, d1); the next one
+  int64_t d0 = 0, d1 = 0, d = 0;  // bytes of a slot to fetch: [d0, d1); the next one
   int per_step = 0;      // lines of K (and of V) per step
   inline void step() {
     for (int i = 0; i < per_step && j < n; ++i) {
-      __builtin_prefetch(kp[j] + d, 0, 2);
-      __builtin_prefetch(vp[j] + d, 0, 2);
-      d += kLanes;
+      __builtin_prefetch(static_cast<const char*>(kp[j]) + d, 0, 2);
+      __builtin_prefetch(static_cast<const char*>(vp[j]) + d, 0, 2);
+      d += 64;
       if (d >= d1) {
         d = d0;
         ++j;
@@ -86,8 +91,9 @@ struct Prefetcher {
 
 // Scores of a chunk for few rows (decodes): row-major S[r][j] (row stride kChunk); each
 // row's dot products with 16 keys are reduced together. kp is padded to a multiple of 16.
-template <int DV>
-inline void scores_dot(const float* qrows, int rows, const float* const* kp, int64_t off, int nk,
+// KV, here and below: the caches' element type, float or BF16.
+template <int DV, typename KV>
+inline void scores_dot(const float* qrows, int rows, const void* const* kp, int64_t off, int nk,
                        float* st) {
   constexpr int D = DV * kLanes;
   for (int r = 0; r < rows; ++r) {
@@ -96,7 +102,7 @@ inline void scores_dot(const float* qrows, int rows, const float* const* kp, int
     for (int j0 = 0; j0 < nk; j0 += kLanes) {
       VecF dots[kLanes];
       for (int jj = 0; jj < kLanes; ++jj) {
-        const float* k = kp[j0 + jj] + off;
+        const KV* k = static_cast<const KV*>(kp[j0 + jj]) + off;
         VecF s = qv[0] * load(k);
         for (int v = 1; v < DV; ++v) s += qv[v] * load(k + v * kLanes);
         dots[jj] = s;
@@ -109,15 +115,15 @@ inline void scores_dot(const float* qrows, int rows, const float* const* kp, int
 // Scores of a chunk for many rows: Q is transposed ([d][row]); 4 keys x NRV row vectors,
 // written key-major, S[j][r] (key stride rp).
 template <int D, int NRV>
-inline void scores_rows_block(const float* qt, int rp, const float* const* kp, int64_t off, int jn,
+inline void scores_rows_block(const float* qt, int rp, const void* const* kp, int64_t off, int jn,
                               float* st) {
   VecF s[4][NRV];
   for (int jj = 0; jj < 4; ++jj)
     for (int i = 0; i < NRV; ++i) s[jj][i] = VecF{};
-  const float* k0 = kp[0] + off;
-  const float* k1 = kp[1] + off;
-  const float* k2 = kp[2] + off;
-  const float* k3 = kp[3] + off;
+  const float* k0 = static_cast<const float*>(kp[0]) + off;
+  const float* k1 = static_cast<const float*>(kp[1]) + off;
+  const float* k2 = static_cast<const float*>(kp[2]) + off;
+  const float* k3 = static_cast<const float*>(kp[3]) + off;
   for (int d = 0; d < D; ++d) {
     VecF qv[NRV];
     for (int i = 0; i < NRV; ++i) qv[i] = load(qt + d * rp + i * kLanes);
@@ -133,8 +139,9 @@ inline void scores_rows_block(const float* qt, int rp, const float* const* kp, i
     for (int i = 0; i < NRV; ++i) store(st + jj * rp + i * kLanes, s[jj][i]);
 }
 
+// Float32 keys only (run_item widens bfloat16 ones first).
 template <int DV>
-inline void scores_rows(const float* qt, int rp, const float* const* kp, int64_t off, int nk,
+inline void scores_rows(const float* qt, int rp, const void* const* kp, int64_t off, int nk,
                         float* st) {
   constexpr int D = DV * kLanes;
   const int nrv = rp / kLanes;
@@ -155,9 +162,9 @@ inline void scores_rows(const float* qt, int rp, const float* const* kp, int64_t
 
 // acc[r] = acc[r] * alpha[r] + sum_j P(r, j) V[j] for RB rows held in registers;
 // P(r, j) = p[j * sj + r * sr].
-template <int DV, int RB>
+template <int DV, int RB, typename KV>
 inline void accumulate_pv_block(float* acc, const float* alpha, const float* p, int sj, int sr,
-                                int r0, const float* const* vp, int64_t off, int nk,
+                                int r0, const void* const* vp, int64_t off, int nk,
                                 Prefetcher& pf) {
   constexpr int D = DV * kLanes;
   VecF a[RB][DV];
@@ -168,7 +175,8 @@ inline void accumulate_pv_block(float* acc, const float* alpha, const float* p, 
   for (int j = 0; j < nk; ++j) {
     pf.step();
     VecF vv[DV];
-    for (int v = 0; v < DV; ++v) vv[v] = load(vp[j] + off + v * kLanes);
+    const KV* row = static_cast<const KV*>(vp[j]) + off;
+    for (int v = 0; v < DV; ++v) vv[v] = load(row + v * kLanes);
     for (int rr = 0; rr < RB; ++rr) {
       const VecF pj = splat(p[j * sj + (r0 + rr) * sr]);
       for (int v = 0; v < DV; ++v) a[rr][v] += pj * vv[v];
@@ -178,22 +186,26 @@ inline void accumulate_pv_block(float* acc, const float* alpha, const float* p, 
     for (int v = 0; v < DV; ++v) store(acc + (r0 + rr) * D + v * kLanes, a[rr][v]);
 }
 
-template <int DV>
+template <int DV, typename KV>
 inline void accumulate_pv(float* acc, const float* alpha, const float* p, int sj, int sr, int rows,
-                          const float* const* vp, int64_t off, int nk, Prefetcher& pf) {
+                          const void* const* vp, int64_t off, int nk, Prefetcher& pf) {
   // Rows per register block: as many as fit 16 accumulator registers, at most 4.
   constexpr int RB = DV <= 4 ? 4 : (DV == 5 ? 3 : (DV <= 8 ? 2 : 1));
   for (int r0 = 0; r0 < rows;) {
     const int n = std::min(RB, rows - r0);
     switch (n) {
-      case 1: accumulate_pv_block<DV, 1>(acc, alpha, p, sj, sr, r0, vp, off, nk, pf); break;
+      case 1: accumulate_pv_block<DV, 1, KV>(acc, alpha, p, sj, sr, r0, vp, off, nk, pf); break;
       case 2:
-        accumulate_pv_block<DV, (RB >= 2 ? 2 : 1)>(acc, alpha, p, sj, sr, r0, vp, off, nk, pf);
+        accumulate_pv_block<DV, (RB >= 2 ? 2 : 1), KV>(acc, alpha, p, sj, sr, r0, vp, off, nk,
+                                                       pf);
         break;
       case 3:
-        accumulate_pv_block<DV, (RB >= 3 ? 3 : 1)>(acc, alpha, p, sj, sr, r0, vp, off, nk, pf);
+        accumulate_pv_block<DV, (RB >= 3 ? 3 : 1), KV>(acc, alpha, p, sj, sr, r0, vp, off, nk,
+                                                       pf);
         break;
-      default: accumulate_pv_block<DV, RB>(acc, alpha, p, sj, sr, r0, vp, off, nk, pf); break;
+      default:
+        accumulate_pv_block<DV, RB, KV>(acc, alpha, p, sj, sr, r0, vp, off, nk, pf);
+        break;
     }
     r0 += n;
   }
@@ -243,6 +255,28 @@ inline void softmax_dot(float* st, int rows, int nk, float* m, float* l, float* 
   }
 }
 
+// The chunk's keys and values of one kv head (at off in each slot) as float32 rows in sc.kf,
+// sc.vf, pointed to by sc.kfp, sc.vfp (padded as gather pads): many query rows read each key
+// and value many times, so they are widened once.
+template <int DV>
+inline void widen(const void* const* kp, const void* const* vp, int64_t off, int nk, Scratch& sc) {
+  constexpr int D = DV * kLanes;
+  for (int j = 0; j < nk; ++j) {
+    const BF16* k = static_cast<const BF16*>(kp[j]) + off;
+    const BF16* v = static_cast<const BF16*>(vp[j]) + off;
+    for (int d = 0; d < DV; ++d) {
+      store(sc.kf.data() + j * D + d * kLanes, load(k + d * kLanes));
+      store(sc.vf.data() + j * D + d * kLanes, load(v + d * kLanes));
+    }
+    sc.kfp[j] = sc.kf.data() + j * D;
+    sc.vfp[j] = sc.vf.data() + j * D;
+  }
+  for (int j = nk; j < kChunk + kLanes; ++j) {
+    sc.kfp[j] = sc.kfp[nk - 1];
+    sc.vfp[j] = sc.vfp[nk - 1];
+  }
+}
+
 // The end of an item's keys: its range, cut by the causal mask at its last query.
 inline int32_t key_end(const AttentionArgs& a, const Item& it) {
   const int32_t q_len = a.query_start_loc[it.seq + 1] - a.query_start_loc[it.seq];
@@ -252,16 +286,17 @@ inline int32_t key_end(const AttentionArgs& a, const Item& it) {
 
 // Slot pointers (all kv heads) of the item's chunk at kc (< kend) into kdst/vdst, padded to
 // kChunk + kLanes with the last one; returns the key count.
+template <typename KV>
 inline int gather(const AttentionArgs& a, const Geometry& g, const Item& it, int32_t kc,
-                  int32_t kend, const float** kdst, const float** vdst) {
+                  int32_t kend, const void** kdst, const void** vdst) {
   const int32_t* bt = a.block_tables + it.seq * a.max_blocks;
   const int32_t bs = static_cast<int32_t>(a.block_size);
   const int nk = std::min<int32_t>(kChunk, kend - kc);
   int32_t bi = kc / bs, off = kc % bs;
   for (int j = 0; j < nk; ++j) {
     const int64_t slot = static_cast<int64_t>(bt[bi]) * bs + off;
-    kdst[j] = a.k_cache + slot * g.row_stride;
-    vdst[j] = a.v_cache + slot * g.row_stride;
+    kdst[j] = static_cast<const KV*>(a.k_cache) + slot * g.row_stride;
+    vdst[j] = static_cast<const KV*>(a.v_cache) + slot * g.row_stride;
     if (++off == bs) {
       off = 0;
       ++bi;
@@ -274,7 +309,7 @@ inline int gather(const AttentionArgs& a, const Geometry& g, const Item& it, int
 // One item; `after` (or null) is the item this thread runs next, whose first chunk is
 // prefetched during this item's last one: short items (decodes of a few hundred keys) would
 // otherwise start every one of them cold.
-template <int DV>
+template <int DV, typename KV>
 void run_item(const AttentionArgs& a, const Geometry& g, const Item& it, const Item* after,
               Scratch& sc, float* partials) {
   constexpr int D = DV * kLanes;
@@ -319,35 +354,36 @@ void run_item(const AttentionArgs& a, const Geometry& g, const Item& it, const I
   for (int r = 0; r < rp; ++r) pos[r] = r < rows ? p0 + static_cast<int32_t>(r / G) : INT32_MAX;
 
   const int32_t kend = key_end(a, it);
-  const float** kp = sc.kp.data();
-  const float** vp = sc.vp.data();
-  const float** kp_next = sc.kp.data() + kChunk + kLanes;
-  const float** vp_next = sc.vp.data() + kChunk + kLanes;
-  int nk_next = it.k0 < kend ? gather(a, g, it, it.k0, kend, kp_next, vp_next) : 0;
+  const void** kp = sc.kp.data();
+  const void** vp = sc.vp.data();
+  const void** kp_next = sc.kp.data() + kChunk + kLanes;
+  const void** vp_next = sc.vp.data() + kChunk + kLanes;
+  int nk_next = it.k0 < kend ? gather<KV>(a, g, it, it.k0, kend, kp_next, vp_next) : 0;
+  constexpr int64_t head_bytes = D * sizeof(KV);
   Prefetcher pf;
-  pf.d0 = it.h0 * D;
-  pf.d1 = it.h1 * D;
-  int64_t slot_lines = (pf.d1 - pf.d0) / kLanes;
+  pf.d0 = it.h0 * head_bytes;
+  pf.d1 = it.h1 * head_bytes;
+  int64_t slot_lines = (pf.d1 - pf.d0 + 63) / 64;
 
   for (int32_t kc = it.k0; kc < kend; kc += kChunk) {
     std::swap(kp, kp_next);
     std::swap(vp, vp_next);
     const int nk = nk_next;
-    nk_next = kc + kChunk < kend ? gather(a, g, it, kc + kChunk, kend, kp_next, vp_next) : 0;
+    nk_next = kc + kChunk < kend ? gather<KV>(a, g, it, kc + kChunk, kend, kp_next, vp_next) : 0;
     pf.kp = kp_next;
     pf.vp = vp_next;
     pf.n = nk_next;
     if (nk_next == 0 && after != nullptr) {  // the last chunk: fetch the next item's first
       const int32_t after_end = key_end(a, *after);
       if (after->k0 < after_end) {
-        const float** ka = sc.kp.data() + 2 * (kChunk + kLanes);
-        const float** va = sc.vp.data() + 2 * (kChunk + kLanes);
+        const void** ka = sc.kp.data() + 2 * (kChunk + kLanes);
+        const void** va = sc.vp.data() + 2 * (kChunk + kLanes);
         pf.kp = ka;
         pf.vp = va;
-        pf.n = gather(a, g, *after, after->k0, after_end, ka, va);
-        pf.d0 = after->h0 * D;
-        pf.d1 = after->h1 * D;
-        slot_lines = (pf.d1 - pf.d0) / kLanes;
+        pf.n = gather<KV>(a, g, *after, after->k0, after_end, ka, va);
+        pf.d0 = after->h0 * head_bytes;
+        pf.d1 = after->h1 * head_bytes;
+        slot_lines = (pf.d1 - pf.d0 + 63) / 64;
       }
     }
     pf.j = 0;
@@ -362,16 +398,25 @@ void run_item(const AttentionArgs& a, const Geometry& g, const Item& it, const I
       float* acc = sc.acc.data() + static_cast<int64_t>(hi) * rp * D;
       const int64_t off = (it.h0 + hi) * D;
       if (dot) {
-        scores_dot<DV>(qbuf, rows, kp, off, nk, st);
+        scores_dot<DV, KV>(qbuf, rows, kp, off, nk, st);
         for (int r = 0; r < rows; ++r) {
           float* s = st + r * kChunk;
           const int first_masked = diagonal ? std::max(0, std::min(nk, pos[r] - kc + 1)) : nk;
           for (int j = first_masked; j < round_up(nk, kLanes); ++j) s[j] = kNegInf;
         }
         softmax_dot(st, rows, nk, m, l, alpha);
-        accumulate_pv<DV>(acc, alpha, st, 1, kChunk, rows, vp, off, nk, pf);
+        accumulate_pv<DV, KV>(acc, alpha, st, 1, kChunk, rows, vp, off, nk, pf);
       } else {
-        scores_rows<DV>(qbuf, rp, kp, off, nk, st);
+        const void* const* krows = kp;
+        const void* const* vrows = vp;
+        int64_t roff = off;
+        if constexpr (std::is_same_v<KV, BF16>) {
+          widen<DV>(kp, vp, off, nk, sc);
+          krows = sc.kfp.data();
+          vrows = sc.vfp.data();
+          roff = 0;
+        }
+        scores_rows<DV>(qbuf, rp, krows, roff, nk, st);
         if (diagonal) {
           for (int j = 0; j < nk; ++j) {
             const VecI kpos = VecI{} + (kc + j);
@@ -383,7 +428,7 @@ void run_item(const AttentionArgs& a, const Geometry& g, const Item& it, const I
           }
         }
         softmax_rows(st, rp, nk, m, l, alpha);
-        accumulate_pv<DV>(acc, alpha, st, rp, 1, rows, vp, off, nk, pf);
+        accumulate_pv<DV, float>(acc, alpha, st, rp, 1, rows, vrows, roff, nk, pf);
       }
     }
   }
@@ -410,6 +455,7 @@ void run_item(const AttentionArgs& a, const Geometry& g, const Item& it, const I
 }
 
 // Any head size: plain loops, one query row at a time (not the fast path).
+template <typename KV>
 void run_item_scalar(const AttentionArgs& a, const Geometry& g, const Item& it, Scratch& sc,
                      float* partials) {
   const int64_t D = a.head_size, G = g.group;
@@ -432,15 +478,15 @@ void run_item_scalar(const AttentionArgs& a, const Geometry& g, const Item& it, 
         std::fill(acc, acc + D, 0.0f);
         for (int32_t k = it.k0; k < std::min<int32_t>(it.k1, p + 1); ++k) {
           const int64_t slot = static_cast<int64_t>(bt[k / bs]) * bs + k % bs;
-          const float* kr = a.k_cache + slot * g.row_stride + kvh * D;
-          const float* vr = a.v_cache + slot * g.row_stride + kvh * D;
+          const KV* kr = static_cast<const KV*>(a.k_cache) + slot * g.row_stride + kvh * D;
+          const KV* vr = static_cast<const KV*>(a.v_cache) + slot * g.row_stride + kvh * D;
           float s = 0.0f;
-          for (int64_t d = 0; d < D; ++d) s += qr[d] * kr[d];
+          for (int64_t d = 0; d < D; ++d) s += qr[d] * to_f32(kr[d]);
           s *= a.scale * kLog2e;
           const float mn = std::max(mx, s);
           const float al = std::exp2(mx - mn), w = std::exp2(s - mn);
           sum = sum * al + w;
-          for (int64_t d = 0; d < D; ++d) acc[d] = acc[d] * al + w * vr[d];
+          for (int64_t d = 0; d < D; ++d) acc[d] = acc[d] * al + w * to_f32(vr[d]);
           mx = mn;
         }
         if (it.partial < 0) {
@@ -454,6 +500,21 @@ void run_item_scalar(const AttentionArgs& a, const Geometry& g, const Item& it, 
         }
       }
     }
+  }
+}
+
+// One item of any head size: the SIMD path for the sizes it is built for, else plain loops.
+template <typename KV>
+void run_any(const AttentionArgs& a, const Geometry& g, const Item& it, const Item* after,
+             Scratch& sc, float* partials) {
+  switch (a.head_size) {
+    case 32: run_item<2, KV>(a, g, it, after, sc, partials); break;
+    case 64: run_item<4, KV>(a, g, it, after, sc, partials); break;
+    case 80: run_item<5, KV>(a, g, it, after, sc, partials); break;
+    case 96: run_item<6, KV>(a, g, it, after, sc, partials); break;
+    case 128: run_item<8, KV>(a, g, it, after, sc, partials); break;
+    case 256: run_item<16, KV>(a, g, it, after, sc, partials); break;
+    default: run_item_scalar<KV>(a, g, it, sc, partials); break;
   }
 }
 
@@ -607,21 +668,22 @@ void paged_attention(const AttentionArgs& a) {
     if (static_cast<int64_t>(sc.pos.size()) < max_rows) sc.pos.resize(max_rows);
     sc.kp.resize(3 * (kChunk + kLanes));  // this chunk, the next, the next item's first
     sc.vp.resize(3 * (kChunk + kLanes));
+    if (a.kv_bf16 && static_cast<int64_t>(sc.kf.size()) < kChunk * D) {
+      sc.kf.resize(kChunk * D);
+      sc.vf.resize(kChunk * D);
+      sc.kfp.resize(kChunk + kLanes);
+      sc.vfp.resize(kChunk + kLanes);
+    }
     // Items handed out one at a time (as schedule(dynamic, 1)), each thread taking its next
     // one before it runs the current, so that it knows what to prefetch.
     for (int64_t i = next.fetch_add(1); i < nitems;) {
       const int64_t j = next.fetch_add(1);
       const Item& it = items[i];
       const Item* after = j < nitems ? &items[j] : nullptr;
-      switch (D) {
-        case 32: run_item<2>(a, g, it, after, sc, partials.data()); break;
-        case 64: run_item<4>(a, g, it, after, sc, partials.data()); break;
-        case 80: run_item<5>(a, g, it, after, sc, partials.data()); break;
-        case 96: run_item<6>(a, g, it, after, sc, partials.data()); break;
-        case 128: run_item<8>(a, g, it, after, sc, partials.data()); break;
-        case 256: run_item<16>(a, g, it, after, sc, partials.data()); break;
-        default: run_item_scalar(a, g, it, sc, partials.data()); break;
-      }
+      if (a.kv_bf16)
+        run_any<BF16>(a, g, it, after, sc, partials.data());
+      else
+        run_any<float>(a, g, it, after, sc, partials.data());
       i = j;
     }
   }

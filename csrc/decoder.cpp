@@ -65,12 +65,13 @@ void DecoderStack::run(const DecoderStep& s, const float* x_in, float* out) {
       rms_norm(x, H, residual, H, w.input_norm, h, T, H, shape_.eps);
     linear(w.qkv, h, qkv, T);
     rotary_write_kv(qkv, qkv_n, s.cos, s.sin, T, shape_.heads, shape_.kv_heads, D,
-                    s.k_caches[l], s.v_caches[l], s.slots, s.slots_int64, s.num_slots);
+                    s.k_caches[l], s.v_caches[l], s.kv_bf16, s.slots, s.slots_int64,
+                    s.num_slots);
     const AttentionArgs a{qkv,           qkv_n,         s.k_caches[l],   s.v_caches[l],
                           attn,          s.query_start_loc, s.seq_lens,  s.block_tables,
                           T,             s.num_seqs,    shape_.heads,    shape_.kv_heads,
                           D,             s.num_slots / s.block_size,     s.block_size,
-                          s.max_blocks,  shape_.scale};
+                          s.max_blocks,  shape_.scale,  s.kv_bf16};
     paged_attention(a);
     linear(w.o, attn, x, T);
     rms_norm(x, H, residual, H, w.post_norm, h, T, H, shape_.eps);

@@ -42,7 +42,8 @@ struct DecoderStep {
   const int32_t* seq_lens;         // [B]
   const int32_t* block_tables;     // [B, max_blocks]
   int64_t num_seqs, max_blocks, block_size, num_slots;  // num_slots = blocks * block_size
-  std::vector<float*> k_caches, v_caches;  // one per layer
+  std::vector<void*> k_caches, v_caches;  // one per layer, float32 or (kv_bf16) BF16
+  bool kv_bf16;
 };
 
 // Holds raw pointers to the weights (the caller keeps them alive and in place) and a

@@ -29,10 +29,20 @@ inline void store_part(float* p, VecF v, int64_t n) {
   for (int64_t i = 0; i < n; ++i) p[i] = v[i];
 }
 
-template <typename Slot>
+// n floats from src to a cache row: copied, or rounded to bfloat16.
+inline void put_row(float* dst, const float* src, int64_t n) {
+  std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
+}
+inline void put_row(BF16* dst, const float* src, int64_t n) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) store(dst + i, load(src + i));
+  for (; i < n; ++i) dst[i] = to_bf16(src[i]);
+}
+
+template <typename KV, typename Slot>
 void rotary_rows(float* qkv, int64_t stride, const float* cos, const float* sin, int64_t T,
-                 int64_t H, int64_t Hkv, int64_t D, float* k_cache, float* v_cache,
-                 const Slot* slots, int64_t num_slots) {
+                 int64_t H, int64_t Hkv, int64_t D, KV* k_cache, KV* v_cache, const Slot* slots,
+                 int64_t num_slots) {
   for (int64_t t = 0; t < T; ++t)
     if (slots[t] >= num_slots) throw std::invalid_argument("rotary_write_kv: slot out of range");
   const int64_t half = D / 2, row = Hkv * D;
@@ -52,9 +62,21 @@ void rotary_rows(float* qkv, int64_t stride, const float* cos, const float* sin,
     }
     const int64_t slot = slots[t];
     if (slot < 0) continue;
-    std::memcpy(k_cache + slot * row, x + H * D, row * sizeof(float));
-    std::memcpy(v_cache + slot * row, x + (H + Hkv) * D, row * sizeof(float));
+    put_row(k_cache + slot * row, x + H * D, row);
+    put_row(v_cache + slot * row, x + (H + Hkv) * D, row);
   }
+}
+
+template <typename KV>
+void rotary_slots(float* qkv, int64_t stride, const float* cos, const float* sin, int64_t T,
+                  int64_t H, int64_t Hkv, int64_t D, KV* k_cache, KV* v_cache, const void* slots,
+                  bool slots_int64, int64_t num_slots) {
+  if (slots_int64)
+    rotary_rows(qkv, stride, cos, sin, T, H, Hkv, D, k_cache, v_cache,
+                static_cast<const int64_t*>(slots), num_slots);
+  else
+    rotary_rows(qkv, stride, cos, sin, T, H, Hkv, D, k_cache, v_cache,
+                static_cast<const int32_t*>(slots), num_slots);
 }
 
 }  // namespace
@@ -115,14 +137,14 @@ void silu_mul(const float* x, int64_t x_stride, float* out, int64_t T, int64_t I
 }
 
 void rotary_write_kv(float* qkv, int64_t stride, const float* cos, const float* sin, int64_t T,
-                     int64_t H, int64_t Hkv, int64_t D, float* k_cache, float* v_cache,
-                     const void* slots, bool slots_int64, int64_t num_slots) {
-  if (slots_int64)
-    rotary_rows(qkv, stride, cos, sin, T, H, Hkv, D, k_cache, v_cache,
-                static_cast<const int64_t*>(slots), num_slots);
+                     int64_t H, int64_t Hkv, int64_t D, void* k_cache, void* v_cache,
+                     bool kv_bf16, const void* slots, bool slots_int64, int64_t num_slots) {
+  if (kv_bf16)
+    rotary_slots(qkv, stride, cos, sin, T, H, Hkv, D, static_cast<BF16*>(k_cache),
+                 static_cast<BF16*>(v_cache), slots, slots_int64, num_slots);
   else
-    rotary_rows(qkv, stride, cos, sin, T, H, Hkv, D, k_cache, v_cache,
-                static_cast<const int32_t*>(slots), num_slots);
+    rotary_slots(qkv, stride, cos, sin, T, H, Hkv, D, static_cast<float*>(k_cache),
+                 static_cast<float*>(v_cache), slots, slots_int64, num_slots);
 }
 
 }  // namespace xllm::XLLM_ISA

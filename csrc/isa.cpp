@@ -115,10 +115,10 @@ void silu_mul(const float* x, int64_t x_stride, float* out, int64_t T, int64_t I
 }
 
 void rotary_write_kv(float* qkv, int64_t stride, const float* cos, const float* sin, int64_t T,
-                     int64_t H, int64_t Hkv, int64_t D, float* k_cache, float* v_cache,
-                     const void* slots, bool slots_int64, int64_t num_slots) {
-  running().rotary_write_kv(qkv, stride, cos, sin, T, H, Hkv, D, k_cache, v_cache, slots,
-                            slots_int64, num_slots);
+                     int64_t H, int64_t Hkv, int64_t D, void* k_cache, void* v_cache,
+                     bool kv_bf16, const void* slots, bool slots_int64, int64_t num_slots) {
+  running().rotary_write_kv(qkv, stride, cos, sin, T, H, Hkv, D, k_cache, v_cache, kv_bf16,
+                            slots, slots_int64, num_slots);
 }
 
 int quant_format(const std::string& name) {

@@ -6,16 +6,38 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 
 namespace xllm {
 
+// A bfloat16 value, the upper half of a float32's bits: the element of a KV cache of
+// `--kv-cache-dtype bfloat16` (the kernels that take caches say so with a kv_bf16 flag).
+struct BF16 {
+  uint16_t bits;
+};
+
+inline float to_f32(float x) { return x; }
+inline float to_f32(BF16 x) {
+  const uint32_t u = static_cast<uint32_t>(x.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+// Rounded to nearest even as torch's .to(torch.bfloat16) rounds; NaN to the quiet NaN 0x7FC0.
+inline BF16 to_bf16(float x) {
+  if (x != x) return {0x7FC0};
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return {static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16)};
+}
+
 struct AttentionArgs {
   const float* q;       // [T, H, D], row t at q + t * q_stride
   int64_t q_stride;     // floats between consecutive tokens of q
-  const float* k_cache;  // [num_blocks, block_size, H_kv, D]
-  const float* v_cache;
+  const void* k_cache;  // [num_blocks, block_size, H_kv, D], float32 or (kv_bf16) BF16
+  const void* v_cache;
   float* out;           // [T, H, D] contiguous
   const int32_t* query_start_loc;  // [B + 1]
   const int32_t* seq_lens;         // [B]
@@ -23,6 +45,7 @@ struct AttentionArgs {
   int64_t num_tokens, num_seqs, num_heads, num_kv_heads, head_size;
   int64_t num_blocks, block_size, max_blocks;
   float scale;
+  bool kv_bf16;
 };
 
 // The kernels with SIMD code, declared once per instruction-set variant (see simd.h): in
@@ -50,10 +73,12 @@ struct AttentionArgs {
                 const float* weight, float* out, int64_t T, int64_t H, float eps);             \
   /* out [T, I] = silu(x[:, :I]) * x[:, I:]. */                                                \
   void silu_mul(const float* x, int64_t x_stride, float* out, int64_t T, int64_t I);           \
-  /* Rotary (rotate-half) of q and k in qkv [T, (H + 2 Hkv) D] in place, k and v to the cache. */ \
+  /* Rotary (rotate-half) of q and k in qkv [T, (H + 2 Hkv) D] in place, k and v to the cache */ \
+  /* (float32, or BF16 with kv_bf16). */                                                       \
   void rotary_write_kv(float* qkv, int64_t stride, const float* cos, const float* sin,         \
-                       int64_t T, int64_t H, int64_t Hkv, int64_t D, float* k_cache,           \
-                       float* v_cache, const void* slots, bool slots_int64, int64_t num_slots);
+                       int64_t T, int64_t H, int64_t Hkv, int64_t D, void* k_cache,            \
+                       void* v_cache, bool kv_bf16, const void* slots, bool slots_int64,       \
+                       int64_t num_slots);
 
 XLLM_SIMD_KERNELS
 namespace generic {
@@ -90,16 +115,17 @@ void set_isa(const std::string& name);
 // The variant that runs.
 std::string isa();
 
-// key/value: [T, H_kv, D] with token stride *_stride; caches [num_blocks, block_size, H_kv, D].
+// key/value: [T, H_kv, D] with token stride *_stride; caches [num_blocks, block_size, H_kv, D],
+// float32 or (kv_bf16) BF16.
 void write_kv(const float* key, int64_t key_stride, const float* value, int64_t value_stride,
-              float* k_cache, float* v_cache, const void* slot_mapping, bool slots_int64,
-              int64_t num_tokens, int64_t row_size, int64_t num_slots);
+              void* k_cache, void* v_cache, bool kv_bf16, const void* slot_mapping,
+              bool slots_int64, int64_t num_tokens, int64_t row_size, int64_t num_slots);
 
-// Caches [num_layers, num_blocks, block_size, H_kv, D] contiguous, block_floats = block_size *
-// H_kv * D; block_mapping [P, 2] (src, dst) int64 or int32: in every layer, block dst of both
-// caches becomes a copy of block src (destinations distinct and never a source).
-void copy_blocks(float* k_cache, float* v_cache, const void* block_mapping, bool ids_int64,
-                 int64_t num_pairs, int64_t num_layers, int64_t num_blocks, int64_t block_floats);
+// Caches [num_layers, num_blocks, block_size, H_kv, D] contiguous, of any dtype, block_bytes =
+// the bytes of one block; block_mapping [P, 2] (src, dst) int64 or int32: in every layer, block
+// dst of both caches becomes a copy of block src (destinations distinct and never a source).
+void copy_blocks(void* k_cache, void* v_cache, const void* block_mapping, bool ids_int64,
+                 int64_t num_pairs, int64_t num_layers, int64_t num_blocks, int64_t block_bytes);
 
 // beam_scores [G, W]; cand_* [G, W, C]; outputs [G, K].
 void beam_prune(const float* beam_scores, const int64_t* cand_tokens, const float* cand_logprobs,

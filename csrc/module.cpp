@@ -64,35 +64,36 @@ PYBIND11_MODULE(_C, m) {
          uintptr_t query_start_loc, uintptr_t seq_lens, uintptr_t block_tables,
          int64_t num_tokens, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
          int64_t head_size, int64_t num_blocks, int64_t block_size, int64_t max_blocks,
-         double scale) {
+         double scale, bool kv_bf16) {
         xllm::AttentionArgs a{ptr<const float>(q),         q_stride,
-                              ptr<const float>(k_cache),   ptr<const float>(v_cache),
+                              ptr<const void>(k_cache),    ptr<const void>(v_cache),
                               ptr<float>(out),             ptr<const int32_t>(query_start_loc),
                               ptr<const int32_t>(seq_lens), ptr<const int32_t>(block_tables),
                               num_tokens,                  num_seqs,
                               num_heads,                   num_kv_heads,
                               head_size,                   num_blocks,
                               block_size,                  max_blocks,
-                              static_cast<float>(scale)};
+                              static_cast<float>(scale),   kv_bf16};
         xllm::paged_attention(a);
       },
       py::call_guard<py::gil_scoped_release>(), "Paged attention; see xllm.ops.reference.");
   m.def(
       "write_kv",
       [](uintptr_t key, int64_t key_stride, uintptr_t value, int64_t value_stride,
-         uintptr_t k_cache, uintptr_t v_cache, uintptr_t slot_mapping, bool slots_int64,
-         int64_t num_tokens, int64_t row_size, int64_t num_slots) {
+         uintptr_t k_cache, uintptr_t v_cache, bool kv_bf16, uintptr_t slot_mapping,
+         bool slots_int64, int64_t num_tokens, int64_t row_size, int64_t num_slots) {
         xllm::write_kv(ptr<const float>(key), key_stride, ptr<const float>(value), value_stride,
-                       ptr<float>(k_cache), ptr<float>(v_cache), ptr<const void>(slot_mapping),
-                       slots_int64, num_tokens, row_size, num_slots);
+                       ptr<void>(k_cache), ptr<void>(v_cache), kv_bf16,
+                       ptr<const void>(slot_mapping), slots_int64, num_tokens, row_size,
+                       num_slots);
       },
       py::call_guard<py::gil_scoped_release>(), "KV cache write; see xllm.ops.reference.");
   m.def(
       "copy_blocks",
       [](uintptr_t k_cache, uintptr_t v_cache, uintptr_t block_mapping, bool ids_int64,
-         int64_t num_pairs, int64_t num_layers, int64_t num_blocks, int64_t block_floats) {
-        xllm::copy_blocks(ptr<float>(k_cache), ptr<float>(v_cache), ptr<const void>(block_mapping),
-                          ids_int64, num_pairs, num_layers, num_blocks, block_floats);
+         int64_t num_pairs, int64_t num_layers, int64_t num_blocks, int64_t block_bytes) {
+        xllm::copy_blocks(ptr<void>(k_cache), ptr<void>(v_cache), ptr<const void>(block_mapping),
+                          ids_int64, num_pairs, num_layers, num_blocks, block_bytes);
       },
       py::call_guard<py::gil_scoped_release>(), "KV block copies; see xllm.ops.reference.");
   m.def(
@@ -166,11 +167,11 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "rotary_write_kv",
       [](uintptr_t qkv, int64_t stride, uintptr_t cos, uintptr_t sin, int64_t T, int64_t H,
-         int64_t Hkv, int64_t D, uintptr_t k_cache, uintptr_t v_cache, uintptr_t slots,
-         bool slots_int64, int64_t num_slots) {
+         int64_t Hkv, int64_t D, uintptr_t k_cache, uintptr_t v_cache, bool kv_bf16,
+         uintptr_t slots, bool slots_int64, int64_t num_slots) {
         xllm::rotary_write_kv(ptr<float>(qkv), stride, ptr<const float>(cos),
-                              ptr<const float>(sin), T, H, Hkv, D, ptr<float>(k_cache),
-                              ptr<float>(v_cache), ptr<const void>(slots), slots_int64,
+                              ptr<const float>(sin), T, H, Hkv, D, ptr<void>(k_cache),
+                              ptr<void>(v_cache), kv_bf16, ptr<const void>(slots), slots_int64,
                               num_slots);
       },
       py::call_guard<py::gil_scoped_release>(),
@@ -184,7 +185,7 @@ PYBIND11_MODULE(_C, m) {
              uintptr_t sin, uintptr_t slots, bool slots_int64, uintptr_t query_start_loc,
              uintptr_t seq_lens, uintptr_t block_tables, int64_t num_seqs, int64_t max_blocks,
              int64_t block_size, int64_t num_slots, const std::vector<uintptr_t>& k_caches,
-             const std::vector<uintptr_t>& v_caches) {
+             const std::vector<uintptr_t>& v_caches, bool kv_bf16) {
             xllm::DecoderStep step{T,
                                    ptr<const float>(cos),
                                    ptr<const float>(sin),
@@ -198,9 +199,10 @@ PYBIND11_MODULE(_C, m) {
                                    block_size,
                                    num_slots,
                                    {},
-                                   {}};
-            for (uintptr_t p : k_caches) step.k_caches.push_back(ptr<float>(p));
-            for (uintptr_t p : v_caches) step.v_caches.push_back(ptr<float>(p));
+                                   {},
+                                   kv_bf16};
+            for (uintptr_t p : k_caches) step.k_caches.push_back(ptr<void>(p));
+            for (uintptr_t p : v_caches) step.v_caches.push_back(ptr<void>(p));
             py::gil_scoped_release release;
             stack.run(step, ptr<const float>(x), ptr<float>(out));
           },

@@ -57,6 +57,21 @@ constexpr float kLn2 = 0.6931471805599453f;
 
 inline VecF load(const float* p) { return *reinterpret_cast<const VecFU*>(p); }
 inline void store(float* p, VecF v) { *reinterpret_cast<VecFU*>(p) = v; }
+
+// 16 bfloat16 values (BF16, kernels.h) at any 2-byte address, widened to float32 exactly on load
+// and rounded as to_bf16 rounds on store.
+typedef uint16_t VecH __attribute__((vector_size(32), aligned(2)));
+typedef uint32_t VecU __attribute__((vector_size(64)));
+inline VecF load(const BF16* p) {
+  return reinterpret_cast<VecF>(__builtin_convertvector(*reinterpret_cast<const VecH*>(p), VecU)
+                                << 16);
+}
+inline void store(BF16* p, VecF v) {
+  const VecU u = reinterpret_cast<VecU>(v);
+  const VecU nan = reinterpret_cast<VecU>(v != v);
+  const VecU r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16;
+  *reinterpret_cast<VecH*>(p) = __builtin_convertvector((r & ~nan) | (nan & 0x7FC0), VecH);
+}
 inline VecF splat(float x) { return VecF{} + x; }
 inline VecF vmax(VecF a, VecF b) { return a > b ? a : b; }
 inline VecF vmin(VecF a, VecF b) { return a < b ? a : b; }

@@ -293,5 +293,8 @@ def test_serve_flags_and_help():
     args = parser.parse_args(["serve", "--kv-cache-memory", "2G", "--port", "1234"])
     assert args.kv_cache_memory == 2 << 30 and args.port == 1234
     assert engine_config(args).matmul_precision == "highest"
-    args = parser.parse_args(["serve", "--matmul-precision", "medium"])
+    assert engine_config(args).kv_cache_dtype == "auto"
+    args = parser.parse_args(["serve", "--matmul-precision", "medium",
+                              "--kv-cache-dtype", "bfloat16"])
     assert engine_config(args).matmul_precision == "medium"
+    assert engine_config(args).kv_cache_dtype == "bfloat16"

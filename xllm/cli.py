@@ -10,6 +10,7 @@ from collections.abc import Callable
 from types import FrameType
 
 from xllm.config import EngineConfig, ServerConfig
+from xllm.model.device import KV_CACHE_DTYPES
 from xllm.model.loader import DEFAULT_NAME
 
 logger = logging.getLogger("xllm")
@@ -117,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
         "operands to bfloat16 and sums in float32 where that is faster (AVX-512 BF16, batches "
         "of more than 4 rows: about 1.5x the multiply rate), as torch.set_float32_matmul_"
         "precision names it")
+    add("--kv-cache-dtype", default=defaults.kv_cache_dtype, choices=list(KV_CACHE_DTYPES),
+        help="dtype of the KV cache; auto: the model's (--dtype); bfloat16: keys and values "
+        "rounded to bfloat16 as they are written, half the memory and half the bytes "
+        "attention reads per step (attention still computes in the model's dtype)")
     add("--seed", type=int, default=defaults.seed,
         help="seed of the engine's random generator (requests may set their own `seed`)")
     add("--num-threads", type=_positive_int, default=defaults.num_threads,
@@ -180,6 +185,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         dtype=args.dtype,
         quantization=args.quantization,
         matmul_precision=args.matmul_precision,
+        kv_cache_dtype=args.kv_cache_dtype,
         device=args.device,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager,

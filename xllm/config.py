@@ -23,6 +23,9 @@ class EngineConfig:
     # float32 linears on the CPU: "highest" multiplies in float32; "medium" lets them round
     # x and W to bfloat16 (sums in float32) where that is faster, as torch's setting of the name
     matmul_precision: str = "highest"
+    # the KV cache's dtype: "auto" is the model's; "bfloat16" halves the cache's bytes (the
+    # keys and values are rounded to bfloat16 as they are written, attention math stays as is)
+    kv_cache_dtype: str = "auto"
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps
     seed: int = 0
     enable_prefix_caching: bool = True

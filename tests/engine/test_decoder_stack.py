@@ -1,10 +1,11 @@
 """The C++ decoder stack (`xllm.ops.cpu.DecoderStack`, every layer in one call) against its
 reference, the model's layer-by-layer path: the same kernels called one by one from Python.
 
-Random-weight Llama and Qwen2 models (float32 and int8 rows, and float32 rows with bfloat16
-products allowed) and the default model (Q4_1 rows) run the same prefill and decode steps both
-ways from zeroed KV caches; hidden states and caches must be equal bit for bit, and within 1e-4
-of the torch reference kernels (2e-2 with bfloat16 products).
+Random-weight Llama and Qwen2 models (float32 and int8 rows, float32 rows with bfloat16
+products allowed, and float32 rows over a bfloat16 KV cache) and the default model (Q4_1 rows)
+run the same prefill and decode steps both ways from zeroed KV caches; hidden states and caches
+must be equal bit for bit, and within 1e-4 of the torch reference kernels (2e-2 with bfloat16
+products or a bfloat16 cache).
 """
 
 from __future__ import annotations
@@ -48,13 +49,13 @@ def layer_by_layer(monkeypatch):
     monkeypatch.setattr(ops, "decoder_stack", lambda x, shape, layers: None)
 
 
-def run_steps(model: LlamaForCausalLM, seed: int = 0):
+def run_steps(model: LlamaForCausalLM, seed: int = 0, kv_dtype: torch.dtype = torch.float32):
     """Hidden states of a prefill step of two prompts then DECODE_STEPS decode steps, and
-    the KV caches after them."""
+    the KV caches (of kv_dtype) after them."""
     model._stack = None
     attn = model.layers[0].self_attn
     shape = (len(model.layers), NUM_BLOCKS, BLOCK, attn.num_kv_heads, attn.head_dim)
-    k_cache, v_cache = torch.zeros(shape), torch.zeros(shape)
+    k_cache, v_cache = torch.zeros(shape, dtype=kv_dtype), torch.zeros(shape, dtype=kv_dtype)
     caches = list(zip(k_cache.unbind(0), v_cache.unbind(0)))
     generator = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
@@ -87,7 +88,7 @@ MODELS = {
 }
 
 
-@pytest.mark.parametrize("rows", ["float32", "int8", "bf16-products"])
+@pytest.mark.parametrize("rows", ["float32", "int8", "bf16-products", "bf16-kv-cache"])
 @pytest.mark.parametrize("name", MODELS)
 def test_stack_equals_the_layer_by_layer_path(name, rows, monkeypatch):
     model = random_model(*MODELS[name])
@@ -95,17 +96,19 @@ def test_stack_equals_the_layer_by_layer_path(name, rows, monkeypatch):
         assert quantize_linears(model) == 4 * len(model.layers) + 1  # and the LM head
     if rows == "bf16-products":
         assert allow_bf16_products(model) == 4 * len(model.layers) + 1
-    stacked, k_stacked, v_stacked = run_steps(model)
+    kv_dtype = torch.bfloat16 if rows == "bf16-kv-cache" else torch.float32
+    stacked, k_stacked, v_stacked = run_steps(model, kv_dtype=kv_dtype)
     assert isinstance(model._stack[1], cpu.DecoderStack)
     with ops.use_backend("reference"):
-        expected, k_ref, v_ref = run_steps(model)
+        expected, k_ref, v_ref = run_steps(model, kv_dtype=kv_dtype)
     assert model._stack[1] is None  # the reference backend has no stack
     layer_by_layer(monkeypatch)
-    layered, k_layered, v_layered = run_steps(model)
+    layered, k_layered, v_layered = run_steps(model, kv_dtype=kv_dtype)
     assert model._stack[1] is None
     # The reference rounds every product to bfloat16 where allowed, the kernels only in steps
-    # past one register block of rows (the prefill here): bfloat16's tolerance for those.
-    tol = 1e-4 if rows != "bf16-products" else 2e-2
+    # past one register block of rows (the prefill here); a key one float32 rounding away from
+    # the reference's may round to the neighbouring bfloat16: bfloat16's tolerance for those.
+    tol = 1e-4 if rows in ("float32", "int8") else 2e-2
     for a, b, ref in zip(stacked, layered, expected):
         assert torch.equal(a, b)
         torch.testing.assert_close(a, ref, rtol=tol, atol=tol)
@@ -114,6 +117,11 @@ def test_stack_equals_the_layer_by_layer_path(name, rows, monkeypatch):
     if rows == "bf16-products" and cpu._C.bf16_products(sum(PROMPTS)):  # the flag got through
         plain, _, _ = run_steps(random_model(*MODELS[name]))
         assert not torch.equal(stacked[0], plain[0])
+    if rows == "bf16-kv-cache":  # the first layer's keys are float32's rounded, and that shows
+        plain, k_plain, _ = run_steps(model)
+        assert k_stacked.dtype == torch.bfloat16
+        assert torch.equal(k_stacked[0], k_plain[0].to(torch.bfloat16))
+        assert not torch.equal(stacked[-1], plain[-1])
 
 
 def test_float_rows_of_odd_width_keep_the_layer_by_layer_path():

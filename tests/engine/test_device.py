@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from xllm.model.cuda_graphs import batch_ladder
-from xllm.model.device import Staging, resolve_device, resolve_dtype
+from xllm.model.device import Staging, resolve_device, resolve_dtype, resolve_kv_cache_dtype
 
 NO_CUDA = not torch.cuda.is_available()
 
@@ -40,6 +40,14 @@ def test_dtypes():
             resolve_dtype(name, cpu)
     with pytest.raises(ValueError, match="one of"):
         resolve_dtype("int8", cpu)
+
+
+def test_kv_cache_dtypes():
+    assert resolve_kv_cache_dtype("auto", torch.float32) == torch.float32
+    assert resolve_kv_cache_dtype("auto", torch.float16) == torch.float16
+    assert resolve_kv_cache_dtype("bfloat16", torch.float32) == torch.bfloat16
+    with pytest.raises(ValueError, match="one of auto, bfloat16"):
+        resolve_kv_cache_dtype("fp8", torch.float32)
 
 
 @pytest.mark.parametrize("most", [1, 2, 5, 16, 20, 64, 256])

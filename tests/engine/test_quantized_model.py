@@ -1,6 +1,7 @@
 """Quantized weights in the engine: the default model served in its own Q4_1 format against the
 same weights dequantized to float32, and int8 of a random-weight model against its float32 run;
-and the default model with bfloat16 products allowed (--matmul-precision medium) against float32.
+and the default model with bfloat16 products allowed (--matmul-precision medium), or with a
+bfloat16 KV cache (--kv-cache-dtype bfloat16), against float32.
 
 (The default model's engine, whose weights are Q4_1 now, is also compared with transformers'
 dequantized model by test_generate_hf.py at 1e-4.)
@@ -12,6 +13,7 @@ import gc
 import math
 
 import pytest
+import torch
 from hf_oracle import CHAT_QUESTIONS, LONG_TEXT, chat_ids, run
 
 from xllm.engine.llm import LLM
@@ -167,6 +169,51 @@ def test_bf16_products_of_the_default_model(smol_medium, smol_float, smol_hf):
     assert worst <= 0.25, worst
     if _C.bf16_products(len(prompts)):  # they did run: the logprobs moved
         assert worst > 1e-4, worst
+
+
+@pytest.fixture(scope="module")
+def smol_bf16_kv():
+    """The default model (Q4_1) over a bfloat16 KV cache (--kv-cache-dtype bfloat16)."""
+    llm = LLM("default", kv_cache_dtype="bfloat16", max_model_len=1024, num_blocks=128)
+    yield llm
+    del llm
+    gc.collect()
+
+
+def test_bf16_kv_cache_of_the_default_model(smol_bf16_kv, smol_llm, smol_hf):
+    """Teacher-forced on the float32 cache's greedy answers (8 prompts in one batch), the model
+    over a bfloat16 cache picks the same top token wherever float32's leads by CLEAR nats, and
+    its logprobs stay within bfloat16's reach."""
+    runner = smol_bf16_kv.engine.runner
+    assert runner.k_cache.dtype == runner.v_cache.dtype == torch.bfloat16
+    _, tokenizer = smol_hf
+    prompts = [chat_ids(tokenizer, q) for q in BATCH_QUESTIONS]
+    answers = run(smol_llm, prompts, greedy(NEW_TOKENS))
+    agree, total, clear_agree, clear, worst = teacher_forced(smol_bf16_kv, smol_llm, prompts,
+                                                             answers)
+    generated = run(smol_bf16_kv, prompts, greedy(NEW_TOKENS))
+    identical = sum(x.outputs[0].token_ids == y.outputs[0].token_ids
+                    for x, y in zip(generated, answers, strict=True))
+    print(f"bfloat16 KV cache: top-1 agrees on {agree} of {total} tokens ({clear_agree} of "
+          f"{clear} clear), logprobs within {worst:.4f}; {identical} of {len(prompts)} greedy "
+          f"answers identical")
+    assert clear_agree == clear and agree >= 0.95 * total, (agree, total, clear_agree, clear)
+    assert 1e-5 < worst <= 0.25, worst  # the rounding shows, within bfloat16's reach
+
+
+def test_bf16_kv_cache_holds_twice_the_blocks():
+    sizes = {}
+    for kv in ("auto", "bfloat16"):
+        llm = LLM("default", kv_cache_dtype=kv, kv_cache_memory=64 << 20, max_model_len=1024)
+        sizes[kv] = llm.engine.runner.num_blocks
+        del llm
+        gc.collect()
+    assert sizes["bfloat16"] == 2 * sizes["auto"], sizes
+
+
+def test_unknown_kv_cache_dtype_is_refused():
+    with pytest.raises(ValueError, match="kv_cache_dtype 'fp8'"):
+        LLM("default", kv_cache_dtype="fp8", num_blocks=8)
 
 
 def test_unknown_matmul_precision_is_refused():

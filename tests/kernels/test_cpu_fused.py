@@ -44,15 +44,16 @@ def test_silu_mul(tokens, inter):
     torch.testing.assert_close(cpu.silu_mul(x), reference.silu_mul(x), **TOL)
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("heads, kv_heads, dim", [(9, 3, 64), (14, 2, 128), (4, 4, 6)])
 @pytest.mark.parametrize("tokens", [1, 7, 70])
 @pytest.mark.parametrize("slot_dtype", [torch.int64, torch.int32])
-def test_rotary_write_kv(heads, kv_heads, dim, tokens, slot_dtype):
+def test_rotary_write_kv(heads, kv_heads, dim, tokens, slot_dtype, kv_dtype):
     width = (heads + 2 * kv_heads) * dim
     qkv = randn(tokens, width + 4)[:, :width]
     angles = randn(tokens, dim // 2, seed=1) * 3
     cos, sin = angles.cos(), angles.sin()
-    caches = [torch.zeros(12, 8, kv_heads, dim) for _ in range(4)]
+    caches = [torch.zeros(12, 8, kv_heads, dim, dtype=kv_dtype) for _ in range(4)]
     slots = torch.randperm(96, generator=torch.Generator().manual_seed(3))[:tokens]
     slots[::3] = -1
     slots = slots.to(slot_dtype)
@@ -60,8 +61,15 @@ def test_rotary_write_kv(heads, kv_heads, dim, tokens, slot_dtype):
     cpu.rotary_write_kv(got, cos, sin, heads, kv_heads, caches[0], caches[1], slots)
     reference.rotary_write_kv(want, cos, sin, heads, kv_heads, caches[2], caches[3], slots)
     torch.testing.assert_close(got, want, **TOL)
-    torch.testing.assert_close(caches[0], caches[2], **TOL)
+    # A rotated key one float32 rounding away from the reference's may round to the other
+    # neighbouring bfloat16: one bfloat16 step (2^-8 relative) for those.
+    key_tol = TOL if kv_dtype == torch.float32 else {"atol": 1e-5, "rtol": 2**-8}
+    torch.testing.assert_close(caches[0], caches[2], **key_tol)
     assert torch.equal(caches[1], caches[3])
+    if kv_dtype == torch.bfloat16:  # the values, as torch rounds them
+        assert torch.equal(caches[1].view(-1, kv_heads, dim)[slots[slots >= 0].long()],
+                           qkv[slots >= 0, (heads + kv_heads) * dim:].reshape(-1, kv_heads, dim)
+                           .to(torch.bfloat16))
 
 
 def test_rotary_write_kv_refuses_a_slot_past_the_cache():

@@ -64,10 +64,14 @@ def make_batch(
     return q, k_cache, v_cache, query_start_loc, seq_lens, block_tables
 
 
-def check_attention(seqs, num_heads, num_kv_heads, head_size, block_size, seed=0):
+def check_attention(seqs, num_heads, num_kv_heads, head_size, block_size, seed=0,
+                    kv_dtype=torch.float32):
+    """The kernel against the reference on the same caches (float32 or bfloat16: the reference
+    widens bfloat16 keys and values to float32 too, so the tolerance is float32's)."""
     q, k_cache, v_cache, qsl, seq_lens, block_tables = make_batch(
         seqs, num_heads, num_kv_heads, head_size, block_size, seed
     )
+    k_cache, v_cache = k_cache.to(kv_dtype), v_cache.to(kv_dtype)
     scale = head_size**-0.5
     want = reference.paged_attention(q, k_cache, v_cache, qsl, seq_lens, block_tables, scale)
     got = cpu.paged_attention(q, k_cache, v_cache, qsl, seq_lens, block_tables, scale)
@@ -96,9 +100,14 @@ ATTENTION_CASES = {
 }
 
 
+KV_DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES, ids=str)
 @pytest.mark.parametrize("case", sorted(ATTENTION_CASES))
-def test_paged_attention_cases(case):
-    check_attention(ATTENTION_CASES[case], num_heads=9, num_kv_heads=3, head_size=64, block_size=16)
+def test_paged_attention_cases(case, kv_dtype):
+    check_attention(ATTENTION_CASES[case], num_heads=9, num_kv_heads=3, head_size=64, block_size=16,
+                    kv_dtype=kv_dtype)
 
 
 @pytest.mark.parametrize("block_size", [8, 16, 32, 128])
@@ -114,15 +123,33 @@ def test_paged_attention_gqa_groups(group):
     check_attention(seqs, num_heads=2 * group, num_kv_heads=2, head_size=64, block_size=16)
 
 
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES, ids=str)
 @pytest.mark.parametrize("head_size", [32, 40, 96])
-def test_paged_attention_other_head_sizes(head_size):
+def test_paged_attention_other_head_sizes(head_size, kv_dtype):
     seqs = [(30, 30), (19, 1), (70, 1)]
-    check_attention(seqs, num_heads=6, num_kv_heads=2, head_size=head_size, block_size=8)
+    check_attention(seqs, num_heads=6, num_kv_heads=2, head_size=head_size, block_size=8,
+                    kv_dtype=kv_dtype)
 
 
-def test_paged_attention_qwen_shapes():
+def test_paged_attention_reads_the_bfloat16_cache_as_is():
+    """A bfloat16 cache gives the float32 result of its own (rounded) values, which differs
+    from the float32 cache's: the kernel reads the 16-bit values, not a stale float copy."""
+    seqs = [(300, 1), (40, 40)]
+    q, k_cache, v_cache, qsl, seq_lens, block_tables = make_batch(seqs, 9, 3, 64, 16, seed=5)
+    k_half, v_half = k_cache.to(torch.bfloat16), v_cache.to(torch.bfloat16)
+    got = cpu.paged_attention(q, k_half, v_half, qsl, seq_lens, block_tables, 0.125)
+    widened = cpu.paged_attention(q, k_half.float(), v_half.float(), qsl, seq_lens, block_tables,
+                                  0.125)
+    full = cpu.paged_attention(q, k_cache, v_cache, qsl, seq_lens, block_tables, 0.125)
+    torch.testing.assert_close(got, widened, **ATTN_TOL)
+    assert (got - full).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES, ids=str)
+def test_paged_attention_qwen_shapes(kv_dtype):
     seqs = [(300, 1), (64, 64), (129, 1)]
-    check_attention(seqs, num_heads=28, num_kv_heads=4, head_size=128, block_size=16)
+    check_attention(seqs, num_heads=28, num_kv_heads=4, head_size=128, block_size=16,
+                    kv_dtype=kv_dtype)
 
 
 def test_paged_attention_noncontiguous_q_and_int64_indices():
@@ -144,6 +171,10 @@ def test_paged_attention_rejects_bad_input():
     q, k_cache, v_cache, qsl, seq_lens, block_tables = make_batch([(20, 1)], 4, 2, 64, 8)
     with pytest.raises(TypeError):
         cpu.paged_attention(q.double(), k_cache, v_cache, qsl, seq_lens, block_tables, 0.1)
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
+        cpu.paged_attention(q, k_cache.half(), v_cache.half(), qsl, seq_lens, block_tables, 0.1)
+    with pytest.raises(TypeError, match="same dtype"):
+        cpu.paged_attention(q, k_cache, v_cache.bfloat16(), qsl, seq_lens, block_tables, 0.1)
     with pytest.raises(ValueError, match="block table"):
         cpu.paged_attention(q, k_cache, v_cache, qsl, seq_lens + 100, block_tables, 0.1)
     bad_tables = block_tables.clone()
@@ -207,13 +238,15 @@ def test_env_forces_a_variant(cpu_isa):
 # ---------------------------------------------------------------- write_kv
 
 
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES, ids=str)
 @pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("num_tokens", [0, 1, 7, 300])
-def test_write_kv(slot_dtype, num_tokens):
+def test_write_kv(slot_dtype, num_tokens, kv_dtype):
     gen = torch.Generator().manual_seed(num_tokens)
     num_blocks, block_size, kv_heads, head_size = 40, 8, 3, 64
     shape = (num_blocks, block_size, kv_heads, head_size)
-    k_cache, v_cache = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    k_cache = torch.randn(shape, generator=gen).to(kv_dtype)
+    v_cache = torch.randn(shape, generator=gen).to(kv_dtype)
     k_want, v_want = k_cache.clone(), v_cache.clone()
     key = torch.randn((num_tokens, kv_heads, head_size), generator=gen)
     value = torch.randn((num_tokens, kv_heads, head_size), generator=gen)
@@ -222,6 +255,26 @@ def test_write_kv(slot_dtype, num_tokens):
     reference.write_kv(key, value, k_want, v_want, slots)
     cpu.write_kv(key, value, k_cache, v_cache, slots)
     assert torch.equal(k_cache, k_want) and torch.equal(v_cache, v_want)
+
+
+# float32 values around bfloat16's rounding: ties (to even, up and down), just past them,
+# signed zeros, subnormals, the largest finite values, overflow to inf, and infinities.
+ROUNDING_VALUES = [1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-8 + 2**-20, -(1 + 2**-8), 0.0, -0.0,
+                   1e-40, -3e-39, 3.3895e38, 3.3961e38, -3.4e38, float("inf"), float("-inf"),
+                   0.1, -2.7182817, 65504.0]
+
+
+def test_write_kv_rounds_to_bfloat16_as_torch_does():
+    values = torch.tensor(ROUNDING_VALUES + [float("nan")]).repeat(8)[:64]
+    key = values.view(1, 1, 64)
+    k_cache = torch.zeros(2, 4, 1, 64, dtype=torch.bfloat16)
+    v_cache = torch.zeros_like(k_cache)
+    cpu.write_kv(key, -key, k_cache, v_cache, torch.tensor([5]))
+    got, want = k_cache[1, 1, 0], values.to(torch.bfloat16)
+    nan = values.isnan()
+    assert got[nan].isnan().all()  # any NaN (torch's own choice of payload varies)
+    assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
+    assert torch.equal(v_cache[1, 1, 0][~nan].view(torch.int16), (-want)[~nan].view(torch.int16))
 
 
 def test_write_kv_strided_views_and_bad_slot():
@@ -270,6 +323,18 @@ def test_copy_blocks(shape, num_pairs, ids):
     assert torch.equal(bits(v_cache[:, untouched]), bits(v_before[:, untouched]))
 
 
+@pytest.mark.parametrize("shape", COPY_SHAPES[1:3], ids=lambda s: "x".join(map(str, s)))
+def test_copy_blocks_bfloat16(shape):
+    gen = torch.Generator().manual_seed(7)
+    k_cache = torch.randn(shape, generator=gen).to(torch.bfloat16)
+    v_cache = torch.randn(shape, generator=gen).to(torch.bfloat16)
+    block_mapping = block_pairs(shape[1], 3, torch.int64, gen)
+    k_want, v_want = k_cache.clone(), v_cache.clone()
+    reference.copy_blocks(k_want, v_want, block_mapping)
+    cpu.copy_blocks(k_cache, v_cache, block_mapping)
+    assert torch.equal(bits(k_cache), bits(k_want)) and torch.equal(bits(v_cache), bits(v_want))
+
+
 def test_copy_blocks_through_ops_and_one_source_many_times():
     k_cache = torch.arange(2 * 5 * 4 * 1 * 8, dtype=torch.float32).view(2, 5, 4, 1, 8)
     v_cache = -k_cache
@@ -294,6 +359,8 @@ def test_copy_blocks_rejects_bad_input():
     good = torch.tensor([[0, 1]])
     with pytest.raises(TypeError):
         cpu.copy_blocks(k_cache.double(), v_cache.double(), good)
+    with pytest.raises(TypeError, match="same dtype"):
+        cpu.copy_blocks(k_cache, v_cache.bfloat16(), good)
     with pytest.raises(TypeError):
         cpu.copy_blocks(k_cache, v_cache, good.float())
     with pytest.raises(ValueError, match=r"\[P, 2\]"):

@@ -110,6 +110,13 @@ def test_split_kv_long_context(num_splits, tile_n):
     _check_attention(args, num_splits=num_splits, tile_n=tile_n)
 
 
+def test_float32_queries_over_a_bfloat16_cache():
+    """--kv-cache-dtype bfloat16 under a float32 model: keys and values are widened as read."""
+    args = _attention_case([(40, 1), (20, 20), (300, 3)], 6, 2, 64, 16, torch.float32, seed=4)
+    args["k_cache"], args["v_cache"] = args["k_cache"].bfloat16(), args["v_cache"].bfloat16()
+    _check_attention(args)
+
+
 def test_split_kv_with_prefill():
     specs = [(150, 40), (97, 1)]
     _check_attention(_attention_case(specs, 6, 2, 128, 8, torch.float32, seed=3), num_splits=4)
@@ -176,9 +183,11 @@ def test_write_kv_all_skipped_and_empty():
     assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
 
 
-@pytest.mark.skipif(not CUDA, reason="half-precision caches are a CUDA case")
-def test_write_kv_casts_to_cache_dtype():
-    k_cache = torch.zeros(2, 16, 2, 64, dtype=torch.float16, device=DEVICE)
+@pytest.mark.skipif(not CUDA, reason="half-precision caches are a CUDA case (the interpreter's "
+                    "rounding to bfloat16 is not the GPU's)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_write_kv_casts_to_cache_dtype(dtype):
+    k_cache = torch.zeros(2, 16, 2, 64, dtype=dtype, device=DEVICE)
     v_cache = torch.zeros_like(k_cache)
     key = torch.randn(4, 2, 64, device=DEVICE)
     slots = torch.tensor([0, 17, -1, 31], device=DEVICE)

@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+KV_CACHE_DTYPES = ("auto", "bfloat16")  # "auto": the model's dtype
 
 
 def resolve_device(name: str) -> torch.device:
@@ -33,6 +34,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
                          "use --dtype float32 or auto (--matmul-precision medium lets the "
                          "linear layers multiply in bfloat16)")
     return dtype
+
+
+def resolve_kv_cache_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's dtype: "auto" is the model's `dtype`; ValueError for an unknown name."""
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype {name!r}: one of {', '.join(KV_CACHE_DTYPES)}")
+    return dtype if name == "auto" else DTYPES[name]
 
 
 def free_gpu_memory(device: torch.device, utilization: float, reserve: int) -> int:

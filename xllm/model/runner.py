@@ -29,7 +29,13 @@ from xllm.inputs import PromptInput
 from xllm.model.config import ARCHITECTURES
 from xllm.model.context import AttentionContext, set_context
 from xllm.model.cuda_graphs import DecodeGraphs
-from xllm.model.device import Staging, free_gpu_memory, resolve_device, resolve_dtype
+from xllm.model.device import (
+    Staging,
+    free_gpu_memory,
+    resolve_device,
+    resolve_dtype,
+    resolve_kv_cache_dtype,
+)
 from xllm.model.llama import allow_bf16_products, quantize_linears
 from xllm.model.loader import gguf_source, iterate_weights
 
@@ -54,6 +60,7 @@ class ModelRunner:
     def __init__(self, folder: Path, hf_config, config: EngineConfig, max_model_len: int):
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         if self.device.type == "cpu":
             torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
         torch.manual_seed(config.seed)
@@ -117,8 +124,8 @@ class ModelRunner:
         tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
         blocks = -(-tokens // self.block_size)
         shape = (blocks, *self.model.kv_block_shape(self.block_size))
-        caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                   torch.zeros(shape, dtype=self.dtype, device=self.device))
+        caches = [(torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
+                   torch.zeros(shape, dtype=self.kv_dtype, device=self.device))
                   for _ in self.model.layers]
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -166,16 +173,16 @@ class ModelRunner:
     def _blocks_for(self, memory: int) -> int:
         block = int(np.prod(self.model.kv_block_shape(self.block_size)))
         per_block = 2 * len(self.model.layers) * block
-        return max(1, memory // (per_block * torch.finfo(self.dtype).bits // 8))
+        return max(1, memory // (per_block * self.kv_dtype.itemsize))
 
     def _allocate_kv_cache(self) -> None:
         shape = (len(self.model.layers), self.num_blocks,
                  *self.model.kv_block_shape(self.block_size))
-        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.k_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         self.kv_caches = list(zip(self.k_cache.unbind(0), self.v_cache.unbind(0)))
-        logger.info("KV cache: %d blocks of %d tokens on %s", self.num_blocks, self.block_size,
-                    self.device)
+        logger.info("KV cache: %d blocks of %d tokens in %s on %s", self.num_blocks,
+                    self.block_size, self.kv_dtype, self.device)
         if self.on_cuda and not self.config.enforce_eager:
             self.graphs = DecodeGraphs(self.model, self.kv_caches, self.config.max_num_seqs,
                                        self.table_width, self.device)

@@ -22,6 +22,7 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 
 _F32 = torch.float32
 _I32 = torch.int32
+_KV_DTYPES = (torch.float32, torch.bfloat16)  # the caches' dtypes the kernels read and write
 # Up to this many rows of x the C++ skinny GEMM serves float32 linears (it beat F.linear, MKL,
 # on every SmolLM2 and Qwen2-7B shape measured: 2 Zen 4 threads, >= 1.07x at 128 rows); more
 # rows go to the blocked kernel of quant.cpp (1.1 to 1.4x MKL at 512 rows).
@@ -33,24 +34,23 @@ def _require_cpu_f32(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
 
 
-def _cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-    _require_cpu_f32("k_cache", k_cache)
-    _require_cpu_f32("v_cache", v_cache)
-    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError("k_cache and v_cache must both be [num_blocks, block_size, H_kv, D]")
+def _caches(k_cache: torch.Tensor, v_cache: torch.Tensor, dims: int, layout: str) -> bool:
+    """Checks a pair of contiguous CPU caches of one KV dtype; True for bfloat16."""
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dtype not in _KV_DTYPES or not t.is_cpu:
+            raise TypeError(f"{name} must be a float32 or bfloat16 CPU tensor, got {t.dtype} "
+                            f"on {t.device}")
+    if k_cache.dim() != dims or k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must both be {layout}")
+    if k_cache.dtype != v_cache.dtype:
+        raise TypeError("k_cache and v_cache must have the same dtype")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("the KV caches must be contiguous")
+    return k_cache.dtype is torch.bfloat16
 
 
-def _stacked_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-    _require_cpu_f32("k_cache", k_cache)
-    _require_cpu_f32("v_cache", v_cache)
-    if k_cache.dim() != 5 or k_cache.shape != v_cache.shape:
-        raise ValueError(
-            "k_cache and v_cache must both be [num_layers, num_blocks, block_size, H_kv, D]"
-        )
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("the KV caches must be contiguous")
+def _cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    return _caches(k_cache, v_cache, 4, "[num_blocks, block_size, H_kv, D]")
 
 
 def _int32(t: torch.Tensor) -> torch.Tensor:
@@ -101,9 +101,9 @@ def paged_attention(
     block_tables: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """See `xllm.ops.reference.paged_attention` (float32 only)."""
+    """See `xllm.ops.reference.paged_attention` (q float32; caches float32 or bfloat16)."""
     _require_cpu_f32("q", q)
-    _cache_pair(k_cache, v_cache)
+    kv_bf16 = _cache_pair(k_cache, v_cache)
     num_tokens, num_heads, head_size = q.shape
     num_blocks, block_size, num_kv_heads, cache_head_size = k_cache.shape
     if cache_head_size != head_size:
@@ -117,7 +117,7 @@ def paged_attention(
         q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
         query_start_loc.data_ptr(), seq_lens.data_ptr(), block_tables.data_ptr(),
         num_tokens, num_seqs, num_heads, num_kv_heads, head_size,
-        num_blocks, block_size, max_blocks, scale,
+        num_blocks, block_size, max_blocks, scale, kv_bf16,
     )  # fmt: skip
     return out
 
@@ -129,10 +129,10 @@ def write_kv(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
-    """See `xllm.ops.reference.write_kv` (float32 only)."""
+    """See `xllm.ops.reference.write_kv` (key, value float32; caches float32 or bfloat16)."""
     _require_cpu_f32("key", key)
     _require_cpu_f32("value", value)
-    _cache_pair(k_cache, v_cache)
+    kv_bf16 = _cache_pair(k_cache, v_cache)
     num_blocks, block_size, num_kv_heads, head_size = k_cache.shape
     num_tokens = key.shape[0]
     if key.shape != (num_tokens, num_kv_heads, head_size) or value.shape != key.shape:
@@ -144,15 +144,15 @@ def write_kv(
     key, value, slot_mapping = _rows(key), _rows(value), slot_mapping.contiguous()
     _C.write_kv(
         key.data_ptr(), key.stride(0), value.data_ptr(), value.stride(0),
-        k_cache.data_ptr(), v_cache.data_ptr(), slot_mapping.data_ptr(),
+        k_cache.data_ptr(), v_cache.data_ptr(), kv_bf16, slot_mapping.data_ptr(),
         slot_mapping.dtype == torch.int64, num_tokens, num_kv_heads * head_size,
         num_blocks * block_size,
     )  # fmt: skip
 
 
 def copy_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor, block_mapping: torch.Tensor) -> None:
-    """See `xllm.ops.reference.copy_blocks` (float32 only)."""
-    _stacked_cache_pair(k_cache, v_cache)
+    """See `xllm.ops.reference.copy_blocks` (float32 or bfloat16 caches)."""
+    _caches(k_cache, v_cache, 5, "[num_layers, num_blocks, block_size, H_kv, D]")
     if block_mapping.dim() != 2 or block_mapping.shape[1] != 2:
         raise ValueError(f"block_mapping must be [P, 2], got {list(block_mapping.shape)}")
     if block_mapping.dtype not in _INDEX_DTYPES or not block_mapping.is_cpu:
@@ -165,7 +165,7 @@ def copy_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor, block_mapping: tor
     _C.copy_blocks(
         k_cache.data_ptr(), v_cache.data_ptr(), block_mapping.data_ptr(),
         block_mapping.dtype == torch.int64, block_mapping.shape[0], num_layers, num_blocks,
-        math.prod(k_cache.shape[2:]),
+        math.prod(k_cache.shape[2:]) * k_cache.element_size(),
     )  # fmt: skip
 
 
@@ -374,8 +374,8 @@ def rotary_write_kv(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
-    """See `xllm.ops.reference.rotary_write_kv` (float32)."""
-    _cache_pair(k_cache, v_cache)
+    """See `xllm.ops.reference.rotary_write_kv` (qkv float32; caches float32 or bfloat16)."""
+    kv_bf16 = _cache_pair(k_cache, v_cache)
     num_blocks, block_size, cache_kv_heads, head_size = k_cache.shape
     tokens = qkv.shape[0]
     stride = _row_stride(qkv, "qkv")
@@ -386,7 +386,7 @@ def rotary_write_kv(
     slot_mapping = _rotary_inputs(cos, sin, slot_mapping, tokens, head_size)
     _C.rotary_write_kv(
         qkv.data_ptr(), stride, cos.data_ptr(), sin.data_ptr(), tokens, num_heads, num_kv_heads,
-        head_size, k_cache.data_ptr(), v_cache.data_ptr(), slot_mapping.data_ptr(),
+        head_size, k_cache.data_ptr(), v_cache.data_ptr(), kv_bf16, slot_mapping.data_ptr(),
         slot_mapping.dtype == torch.int64, num_blocks * block_size,
     )  # fmt: skip
 
@@ -470,8 +470,9 @@ class DecoderStack:
         num_seqs, max_blocks = block_tables.shape
         if len(kv_caches) != len(self._keep):
             raise ValueError(f"{len(self._keep)} layers need as many KV caches")
-        for pair in kv_caches:
-            _cache_pair(*pair)
+        kv_bf16 = {_cache_pair(*pair) for pair in kv_caches}
+        if len(kv_bf16) > 1:
+            raise TypeError("every layer's KV cache must have the same dtype")
         num_blocks, block_size, kv_heads, head_size = kv_caches[0][0].shape
         if (kv_heads, head_size) != (shape.kv_heads, shape.head_size):
             raise ValueError("the KV caches disagree with the decoder's heads")
@@ -485,5 +486,6 @@ class DecoderStack:
             query_start_loc.data_ptr(), seq_lens.data_ptr(), block_tables.data_ptr(), num_seqs,
             max_blocks, block_size, num_blocks * block_size,
             [k.data_ptr() for k, _ in kv_caches], [v.data_ptr() for _, v in kv_caches],
+            kv_bf16.pop(),
         )  # fmt: skip
         return out
