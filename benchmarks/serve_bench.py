@@ -241,7 +241,10 @@ async def run_benchmark(args: argparse.Namespace) -> dict:
     path = "/v1/chat/completions" if args.endpoint == "chat" else "/v1/completions"
     url = base_url + path
     timeout = aiohttp.ClientTimeout(total=args.timeout)
-    connector = aiohttp.TCPConnector(limit=0)
+    # A connection per request: a pooled one that the server closed while idle (llama-server
+    # does) fails the next request on it ("Can not write request body"), which is the
+    # client's race, not the server's fault. Opening one on localhost costs well under 1 ms.
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         if not args.model:
             args.model = await resolve_model(session, base_url)
