@@ -10,7 +10,7 @@ from collections.abc import Callable
 from types import FrameType
 
 from xllm.config import EngineConfig, ServerConfig
-from xllm.model.device import KV_CACHE_DTYPES
+from xllm.model.device import KV_CACHE_DTYPES, MATMUL_PRECISIONS
 from xllm.model.loader import DEFAULT_NAME
 
 logger = logging.getLogger("xllm")
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: a GGUF file's quantized weights are served in their own format (Q8_0, "
         "Q4_0, Q4_1, Q4_K, Q6_K), a Hugging Face folder in --dtype; int8: linear weights "
         "quantized to int8 per output row at load time; none: every weight in --dtype")
-    add("--matmul-precision", default=defaults.matmul_precision, choices=["highest", "medium"],
+    add("--matmul-precision", default=defaults.matmul_precision, choices=list(MATMUL_PRECISIONS),
         help="linear layers on the CPU: highest multiplies in float32; medium rounds both "
         "operands to bfloat16 and sums in float32 where that is faster (AVX-512 BF16, batches "
         "of more than 4 rows: about 1.5x the multiply rate), as torch.set_float32_matmul_"

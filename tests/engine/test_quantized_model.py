@@ -148,26 +148,34 @@ def smol_medium():
     gc.collect()
 
 
+def batch_agreement(llm: LLM, dense: LLM, smol_hf, label: str) -> tuple[int, int, int, int,
+                                                                        float]:
+    """`teacher_forced` of llm on dense's greedy answers to the BATCH_QUESTIONS chats (one
+    batch), printed with how many of llm's own greedy answers are identical to dense's."""
+    _, tokenizer = smol_hf
+    prompts = [chat_ids(tokenizer, q) for q in BATCH_QUESTIONS]
+    answers = run(dense, prompts, greedy(NEW_TOKENS))
+    agree, total, clear_agree, clear, worst = teacher_forced(llm, dense, prompts, answers)
+    generated = run(llm, prompts, greedy(NEW_TOKENS))
+    identical = sum(x.outputs[0].token_ids == y.outputs[0].token_ids
+                    for x, y in zip(generated, answers, strict=True))
+    print(f"{label}: top-1 agrees on {agree} of {total} tokens ({clear_agree} of {clear} "
+          f"clear), logprobs within {worst:.4f}; {identical} of {len(prompts)} greedy answers "
+          f"identical")
+    return agree, total, clear_agree, clear, worst
+
+
 def test_bf16_products_of_the_default_model(smol_medium, smol_float, smol_hf):
     """Teacher-forced on float32's greedy answers (all 8 prompts in one batch), the model with
     bfloat16 products picks the same top token wherever float32's leads by CLEAR nats, and
     its logprobs stay within bfloat16's reach of float32's (~0.06 measured)."""
     from xllm.ops.cpu import _C
 
-    _, tokenizer = smol_hf
-    prompts = [chat_ids(tokenizer, q) for q in BATCH_QUESTIONS]
-    answers = run(smol_float, prompts, greedy(NEW_TOKENS))
-    agree, total, clear_agree, clear, worst = teacher_forced(smol_medium, smol_float, prompts,
-                                                             answers)
-    generated = run(smol_medium, prompts, greedy(NEW_TOKENS))
-    identical = sum(x.outputs[0].token_ids == y.outputs[0].token_ids
-                    for x, y in zip(generated, answers, strict=True))
-    print(f"bfloat16 products: top-1 agrees on {agree} of {total} tokens ({clear_agree} of "
-          f"{clear} clear), logprobs within {worst:.4f}; {identical} of {len(prompts)} greedy "
-          f"answers identical")
+    agree, total, clear_agree, clear, worst = batch_agreement(smol_medium, smol_float, smol_hf,
+                                                              "bfloat16 products")
     assert clear_agree == clear and agree >= 0.95 * total, (agree, total, clear_agree, clear)
     assert worst <= 0.25, worst
-    if _C.bf16_products(len(prompts)):  # they did run: the logprobs moved
+    if _C.bf16_products(len(BATCH_QUESTIONS)):  # they did run: the logprobs moved
         assert worst > 1e-4, worst
 
 
@@ -186,17 +194,8 @@ def test_bf16_kv_cache_of_the_default_model(smol_bf16_kv, smol_llm, smol_hf):
     its logprobs stay within bfloat16's reach."""
     runner = smol_bf16_kv.engine.runner
     assert runner.k_cache.dtype == runner.v_cache.dtype == torch.bfloat16
-    _, tokenizer = smol_hf
-    prompts = [chat_ids(tokenizer, q) for q in BATCH_QUESTIONS]
-    answers = run(smol_llm, prompts, greedy(NEW_TOKENS))
-    agree, total, clear_agree, clear, worst = teacher_forced(smol_bf16_kv, smol_llm, prompts,
-                                                             answers)
-    generated = run(smol_bf16_kv, prompts, greedy(NEW_TOKENS))
-    identical = sum(x.outputs[0].token_ids == y.outputs[0].token_ids
-                    for x, y in zip(generated, answers, strict=True))
-    print(f"bfloat16 KV cache: top-1 agrees on {agree} of {total} tokens ({clear_agree} of "
-          f"{clear} clear), logprobs within {worst:.4f}; {identical} of {len(prompts)} greedy "
-          f"answers identical")
+    agree, total, clear_agree, clear, worst = batch_agreement(smol_bf16_kv, smol_llm, smol_hf,
+                                                              "bfloat16 KV cache")
     assert clear_agree == clear and agree >= 0.95 * total, (agree, total, clear_agree, clear)
     assert 1e-5 < worst <= 0.25, worst  # the rounding shows, within bfloat16's reach
 

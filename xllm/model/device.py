@@ -6,6 +6,7 @@ import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 KV_CACHE_DTYPES = ("auto", "bfloat16")  # "auto": the model's dtype
+MATMUL_PRECISIONS = ("highest", "medium")  # torch's names; "medium" allows bfloat16 products
 
 
 def resolve_device(name: str) -> torch.device:

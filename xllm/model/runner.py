@@ -30,6 +30,7 @@ from xllm.model.config import ARCHITECTURES
 from xllm.model.context import AttentionContext, set_context
 from xllm.model.cuda_graphs import DecodeGraphs
 from xllm.model.device import (
+    MATMUL_PRECISIONS,
     Staging,
     free_gpu_memory,
     resolve_device,
@@ -87,7 +88,7 @@ class ModelRunner:
         return self.device.type == "cuda"
 
     def _load_model(self) -> torch.nn.Module:
-        if self.config.matmul_precision not in ("highest", "medium"):
+        if self.config.matmul_precision not in MATMUL_PRECISIONS:
             raise ValueError(f"matmul_precision {self.config.matmul_precision!r}: "
                              "highest or medium")
         model = ARCHITECTURES[self.hf_config.model_type](self.hf_config, self.max_model_len)
