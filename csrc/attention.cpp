@@ -165,8 +165,9 @@ inline void scores_rows(const float* qt, int rp, const void* const* kp, int64_t 
 template <int DV, int RB, typename KV>
 inline void accumulate_pv_block(float* acc, const float* alpha, const float* p, int sj, int sr,
                                 int r0, const void* const* vp, int64_t off, int nk,
-                                Prefetcher& pf) {
+                                Prefetcher& prefetcher) {
   constexpr int D = DV * kLanes;
+  Prefetcher pf = prefetcher;  // a local copy stays in registers across the loop
   VecF a[RB][DV];
   for (int rr = 0; rr < RB; ++rr) {
     const VecF al = splat(alpha[r0 + rr]);
@@ -184,6 +185,7 @@ inline void accumulate_pv_block(float* acc, const float* alpha, const float* p, 
   }
   for (int rr = 0; rr < RB; ++rr)
     for (int v = 0; v < DV; ++v) store(acc + (r0 + rr) * D + v * kLanes, a[rr][v]);
+  prefetcher = pf;
 }
 
 template <int DV, typename KV>
