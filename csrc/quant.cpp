@@ -458,6 +458,7 @@ struct Dequantize {
 }  // namespace
 
 constexpr int64_t kChunkBytes = 512 << 10;  // bytes of x rows per pass over W
+constexpr int64_t kBf16ParallelMin = 1 << 18;  // x values from which both threads round x
 
 namespace {
 
@@ -467,7 +468,8 @@ void linear_rows(const typename P::X* xp, const uint8_t* weight, int format, int
                  const float* bias, float* y, int64_t M, int64_t N, int64_t K) {
   // Rows of x per pass over W: as many as stay in L2 while every tile of W meets them (each
   // pass unpacks W again, a small cost next to the multiplies of that many rows).
-  const int64_t chunk = std::max<int64_t>(16, kChunkBytes / (K * 4) / kMR * kMR);
+  const int64_t chunk =
+      std::max<int64_t>(16, kChunkBytes / (K * int64_t{sizeof(*xp)}) / kMR * kMR);
   for (int64_t m = 0; m < M; m += chunk)
     dispatch<Linear<P>::template Format>(format, xp + m * K, weight, row_bytes, bias, y + m * N,
                                          std::min(chunk, M - m), N, K);
@@ -494,8 +496,12 @@ void quant_linear(const float* x, const uint8_t* weight, int format, int64_t row
   if (bf16 && bf16_products(M)) {
     thread_local std::vector<uint16_t> halves;
     halves.resize(static_cast<size_t>(M * K));
-    for (int64_t i = 0; i < M * K; i += kUnit)
-      BF16Products::store(halves.data() + i, BF16Products::from(F32Products::load(x + i).v));
+    uint16_t* h = halves.data();
+    const int64_t units = M * K / kUnit;
+    // A prefill's x is worth both threads (one thread took 2.5% of a served c=64 run here).
+#pragma omp parallel for schedule(static) if (omp_get_max_threads() > 1 && M * K >= kBf16ParallelMin)
+    for (int64_t u = 0; u < units; ++u)
+      BF16Products::store(h + u * kUnit, BF16Products::from(F32Products::load(x + u * kUnit).v));
     return linear_rows<BF16Products>(halves.data(), weight, format, row_bytes, bias, y, M, N, K);
   }
 #endif

@@ -130,7 +130,9 @@ def test_quantized_tensor_shape():
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
-@pytest.mark.parametrize("m", [1, 4, 5, 16, 17, 64, 130])
+# 520 rows of 576 (or 512) take the conversion of x to bfloat16 on both threads (2^18 values)
+# and two passes over W (512 KiB of bfloat16 x rows per pass).
+@pytest.mark.parametrize("m", [1, 4, 5, 16, 17, 64, 130, 520])
 def test_bf16_products(qtype, m):
     """Allowed bfloat16 products: where the kernel takes them (`_C.bf16_products`), the
     reference's product of x and W rounded to bfloat16 (only the order of the float32 sums
