@@ -261,6 +261,25 @@ struct F32Products {
 };
 
 #if defined(XLLM_ISA_AVX512)
+// A Q4_0 or Q4_1 block (at b) as 32 bfloat16 weights: the block's 16 values d * q + m are
+// rounded once into both halves of a 32-entry word table (vpermw reads five index bits, so the
+// high nibble sitting above a low one does not matter) and looked up by the 32 nibbles. The
+// same values as unpacking to float32 and rounding each weight, in half the shuffles.
+template <int F>
+inline __m512bh unpack_q4_bf16(const uint8_t* b) {
+  alignas(8) float dm[2];
+  const float* s = halves(b, dm);
+  const __m512 t = F == kQ4_0
+                       ? _mm512_mul_ps(iota16(-8.0f), _mm512_set1_ps(s[0]))
+                       : _mm512_fmadd_ps(iota16(0.0f), _mm512_set1_ps(s[0]), _mm512_set1_ps(s[1]));
+  const __m512i table = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(t, t));
+  const __m256i q = _mm256_cvtepu8_epi16(
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (F == kQ4_0 ? 2 : 4))));
+  const __m512i idx =
+      _mm512_inserti64x4(_mm512_castsi256_si512(q), _mm256_srli_epi16(q, 4), 1);
+  return reinterpret_cast<__m512bh>(_mm512_permutexvar_epi16(idx, table));
+}
+
 // Bfloat16 products with AVX-512 BF16: a unit is one vector of 32 bfloat16 values, and
 // vdpbf16ps adds the products of each pair of lanes into one float32 lane (twice the multiply
 // rate of float32 FMAs). Runs only where the CPU reports avx512_bf16 (has_bf16_dot).
@@ -274,9 +293,13 @@ struct BF16Products {
   }
   template <int F>
   static void unpack_into(const uint8_t* row, int64_t u, Unit& w) {
-    VF t[kV];
-    unpack<F>(row, u, t);
-    w = from(t);
+    if constexpr (F == kQ4_0 || F == kQ4_1) {
+      w = {unpack_q4_bf16<F>(row + u * (F == kQ4_0 ? 18 : 20))};
+    } else {
+      VF t[kV];
+      unpack<F>(row, u, t);
+      w = from(t);
+    }
   }
   static Unit load(const uint16_t* p) {
     return {reinterpret_cast<__m512bh>(_mm512_loadu_si512(p))};
