@@ -12,10 +12,18 @@ def _find_sequence(query_start_loc_ptr, num_seqs, q_block, BLOCK_Q: tl.constexpr
 
     Sequence b owns the programs from query_start_loc[b] // BLOCK_Q + b on; that
     numbering leaves room for every sequence's last, partial query block without
-    reading the lengths on the host.
+    reading the lengths on the host. In a decode batch (query_start_loc[b] = b) the
+    owner follows from q_block alone; that guess is checked with two loads that do not
+    wait on each other, and the binary search (a chain of dependent loads) runs only
+    where it is wrong.
     """
-    lo = tl.full([], 0, tl.int32)
-    hi = tl.full([], 0, tl.int32) + num_seqs - 1
+    period, place = q_block // (BLOCK_Q + 1), q_block % (BLOCK_Q + 1)
+    guess = tl.minimum(period * BLOCK_Q + tl.minimum(place, BLOCK_Q - 1), num_seqs - 1)
+    first = tl.load(query_start_loc_ptr + guess) // BLOCK_Q + guess
+    after = tl.load(query_start_loc_ptr + guess + 1) // BLOCK_Q + guess + 1
+    owned = (first <= q_block) & ((guess == num_seqs - 1) | (q_block < after))
+    lo = tl.where(owned, guess, 0)
+    hi = tl.where(owned, guess, num_seqs - 1)
     while lo < hi:
         mid = (lo + hi + 1) // 2
         first = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid

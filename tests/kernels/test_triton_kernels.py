@@ -110,6 +110,22 @@ def test_split_kv_long_context(num_splits, tile_n):
     _check_attention(args, num_splits=num_splits, tile_n=tile_n)
 
 
+@pytest.mark.parametrize("group", [3, 16])
+def test_many_decodes(group):
+    """A decode batch finds each program's sequence from its index (query blocks of 5 and of
+    1 query: every kind of program, the idle ones between sequences included)."""
+    specs = [(1 + 7 * b % 50, 1) for b in range(37)]
+    _check_attention(_attention_case(specs, group, 1, 64, 16, torch.float32, seed=6))
+
+
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_sequence_search_past_a_wrong_guess(num_splits):
+    """No more query tokens than sequences, but one sequence holds them all (one query per
+    block with 16 heads per KV head): its programs are found by the search."""
+    args = _attention_case([(30, 3), (10, 0), (20, 0)], 16, 1, 64, 16, torch.float32, seed=6)
+    _check_attention(args, num_splits=num_splits)
+
+
 def test_float32_queries_over_a_bfloat16_cache():
     """--kv-cache-dtype bfloat16 under a float32 model: keys and values are widened as read."""
     args = _attention_case([(40, 1), (20, 20), (300, 3)], 6, 2, 64, 16, torch.float32, seed=4)
