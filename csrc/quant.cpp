@@ -264,7 +264,8 @@ struct F32Products {
 // A Q4_0 or Q4_1 block (at b) as 32 bfloat16 weights: the block's 16 values d * q + m are
 // rounded once into both halves of a 32-entry word table (vpermw reads five index bits, so the
 // high nibble sitting above a low one does not matter) and looked up by the 32 nibbles. The
-// same values as unpacking to float32 and rounding each weight, in half the shuffles.
+// same values as unpacking to float32 and rounding each weight, with one 32-lane word lookup
+// instead of two 16-lane float lookups.
 template <int F>
 inline __m512bh unpack_q4_bf16(const uint8_t* b) {
   alignas(8) float dm[2];
