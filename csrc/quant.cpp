@@ -89,6 +89,10 @@ inline float f32(const uint8_t* p) {
 
 enum Format : int { kQ8_0, kQ4_0, kQ4_1, kQ4_K, kQ6_K, kInt8, kF32 };
 
+// Q4_0 and Q4_1 blocks of 32 weights: bytes per block, and where the 16 bytes of nibbles start.
+constexpr int64_t q4_block_bytes(int f) { return f == kQ4_0 ? 18 : 20; }
+constexpr int64_t q4_nibbles_at(int f) { return f == kQ4_0 ? 2 : 4; }
+
 // 32 four-bit weights a * q + c of qs[16] (q of weight j in the low nibble of qs[j], of
 // j + 16 in the high one) into w[kV].
 inline void unpack_nibbles(const uint8_t* qs, float a, float c, VF* w) {
@@ -128,17 +132,13 @@ inline __m512 iota16(float first) {
                         first + 13, first + 14, first + 15);
 }
 
-inline void unpack_q4_0(const uint8_t* b, VF* w) {
+// The 16 values a Q4_0 block (d * (q - 8)) or Q4_1 block (d * q + m) at b gives its nibbles.
+template <int F>
+inline __m512 q4_table(const uint8_t* b) {
   alignas(8) float dm[2];
-  const float* s = halves(b, dm);  // d (and the first two weights' bytes, unused)
-  lookup_nibbles(b + 2, _mm512_mul_ps(iota16(-8.0f), _mm512_set1_ps(s[0])), w);
-}
-
-inline void unpack_q4_1(const uint8_t* b, VF* w) {
-  alignas(8) float dm[2];
-  const float* s = halves(b, dm);
-  lookup_nibbles(b + 4, _mm512_fmadd_ps(iota16(0.0f), _mm512_set1_ps(s[0]), _mm512_set1_ps(s[1])),
-                 w);
+  const float* s = halves(b, dm);  // Q4_0: d (and the first two weights' bytes, unused)
+  if constexpr (F == kQ4_0) return _mm512_mul_ps(iota16(-8.0f), _mm512_set1_ps(s[0]));
+  return _mm512_fmadd_ps(iota16(0.0f), _mm512_set1_ps(s[0]), _mm512_set1_ps(s[1]));
 }
 
 inline void unpack_q8_0(const uint8_t* b, VF* w) {
@@ -163,13 +163,12 @@ inline void unpack(const uint8_t* row, int64_t u, VF* w) {
     for (int v = 0; v < kV; ++v) w[v] = int8_float(b + 2 + v * kW) * d;
 #endif
   } else if constexpr (F == kQ4_0 || F == kQ4_1) {
+    const uint8_t* b = row + u * q4_block_bytes(F);
 #if defined(XLLM_ISA_AVX512)
-    if constexpr (F == kQ4_0) unpack_q4_0(row + u * 18, w);
-    else unpack_q4_1(row + u * 20, w);
+    lookup_nibbles(b + q4_nibbles_at(F), q4_table<F>(b), w);
 #else
-    const uint8_t* b = row + u * (F == kQ4_0 ? 18 : 20);
     const float d = f16(b);
-    unpack_nibbles(b + (F == kQ4_0 ? 2 : 4), d, F == kQ4_0 ? -8.0f * d : f16(b + 2), w);
+    unpack_nibbles(b + q4_nibbles_at(F), d, F == kQ4_0 ? -8.0f * d : f16(b + 2), w);
 #endif
   } else if constexpr (F == kQ4_K) {
     const uint8_t* b = row + (u >> 3) * 144;
@@ -268,14 +267,10 @@ struct F32Products {
 // instead of two 16-lane float lookups.
 template <int F>
 inline __m512bh unpack_q4_bf16(const uint8_t* b) {
-  alignas(8) float dm[2];
-  const float* s = halves(b, dm);
-  const __m512 t = F == kQ4_0
-                       ? _mm512_mul_ps(iota16(-8.0f), _mm512_set1_ps(s[0]))
-                       : _mm512_fmadd_ps(iota16(0.0f), _mm512_set1_ps(s[0]), _mm512_set1_ps(s[1]));
+  const __m512 t = q4_table<F>(b);
   const __m512i table = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(t, t));
   const __m256i q = _mm256_cvtepu8_epi16(
-      _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (F == kQ4_0 ? 2 : 4))));
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + q4_nibbles_at(F))));
   const __m512i idx =
       _mm512_inserti64x4(_mm512_castsi256_si512(q), _mm256_srli_epi16(q, 4), 1);
   return reinterpret_cast<__m512bh>(_mm512_permutexvar_epi16(idx, table));
@@ -295,7 +290,7 @@ struct BF16Products {
   template <int F>
   static void unpack_into(const uint8_t* row, int64_t u, Unit& w) {
     if constexpr (F == kQ4_0 || F == kQ4_1) {
-      w = {unpack_q4_bf16<F>(row + u * (F == kQ4_0 ? 18 : 20))};
+      w = {unpack_q4_bf16<F>(row + u * q4_block_bytes(F))};
     } else {
       VF t[kV];
       unpack<F>(row, u, t);

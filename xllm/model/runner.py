@@ -90,7 +90,7 @@ class ModelRunner:
     def _load_model(self) -> torch.nn.Module:
         if self.config.matmul_precision not in MATMUL_PRECISIONS:
             raise ValueError(f"matmul_precision {self.config.matmul_precision!r}: "
-                             "highest or medium")
+                             + " or ".join(MATMUL_PRECISIONS))
         model = ARCHITECTURES[self.hf_config.model_type](self.hf_config, self.max_model_len)
         gguf = gguf_source(self.config.model)
         if gguf is not None and self.config.quantization == "auto":
