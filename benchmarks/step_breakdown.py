@@ -14,10 +14,10 @@ What is wrapped, looked up where it is called from:
   row (`--layer-by-layer`: it builds none, and the model calls each layer's kernels, timed
   below);
 
-- kernels, via the `xllm.ops` module that llama.py calls as `ops.<name>`: `linear` and
-  `quant_linear` (one row per projection, qkv_proj, o_proj, gate_up_proj, down_proj, told
-  by the storage of the weight passed in; the LM head apart: the `lm_head` module's
-  weight, or else a weight with as many rows as the vocabulary), `paged_attention`,
+- kernels, via the `xllm.ops` module that llama.py calls as `ops.<name>`: `linear`,
+  `quant_linear` and `int8_linear` (one row per projection, qkv_proj, o_proj, gate_up_proj,
+  down_proj, told by the storage of the weight passed in; the LM head apart: the `lm_head`
+  module's weight, or else a weight with as many rows as the vocabulary), `paged_attention`,
   `write_kv`, `rotary_write_kv`, `rms_norm`, `silu_mul`, `dequantize` (the quantized
   embedding lookup), `topk_logprobs` (0 calls here: greedy without logprobs);
 - llama.py's own `rotate` (a module global), and `torch.nn.functional.rms_norm` / `silu`
@@ -77,6 +77,7 @@ from xllm.engine import llm_engine, sampler
 from xllm.engine.llm import LLM
 from xllm.engine.sampling_params import SamplingParams
 from xllm.model import llama, runner
+from xllm.model.device import MATMUL_PRECISIONS
 
 PROMPT_TOKENS = 64
 TEXT = (
@@ -252,12 +253,14 @@ class Patcher:
 
 
 def linear_names(model: torch.nn.Module) -> dict[int, str]:
-    """data_ptr of each Linear's weight (or quantized rows) -> its last name (qkv_proj, ...)."""
+    """data_ptr of each Linear's weight (quantized rows, or rows packed for int8 products) ->
+    its last name (qkv_proj, ...)."""
     names = {}
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
-            weight = getattr(module, "qdata", None) if getattr(module, "qtype", None) \
-                else module.weight
+            packed = getattr(module, "int8", None)
+            weight = packed.data if packed is not None else getattr(module, "qdata", None) \
+                if getattr(module, "qtype", None) else module.weight
             if isinstance(weight, torch.Tensor):
                 names.setdefault(weight.data_ptr(), name.rsplit(".", 1)[-1])
     return names
@@ -285,6 +288,7 @@ def install(llm: LLM, profiler: Profiler, vocab: int, layer_by_layer: bool) -> P
         """The projection a linear call serves, told by its weight's storage (the LM head
         also by its row count, the vocabulary size)."""
         weight = args[1] if len(args) > 1 else kwargs.get("weight", kwargs.get("data"))
+        weight = getattr(weight, "data", weight)  # int8_linear's packed rows
         if not isinstance(weight, torch.Tensor):
             return "linear:other"
         name = names.get(weight.data_ptr())
@@ -294,6 +298,7 @@ def install(llm: LLM, profiler: Profiler, vocab: int, layer_by_layer: bool) -> P
 
     # The kernels of xllm.ops that llama.py calls, by category.
     for name, category in (("linear", by_weight), ("quant_linear", by_weight),
+                           ("int8_linear", by_weight),
                            ("paged_attention", "attention"), ("write_kv", "kv_write"),
                            ("rotary_write_kv", "rotary_kv"), ("rms_norm", "norm"),
                            ("silu_mul", "activation"), ("dequantize", "embedding")):
@@ -457,7 +462,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per sequence")
     parser.add_argument("--quantization", choices=["auto", "int8", "none"], default="auto")
-    parser.add_argument("--matmul-precision", choices=["highest", "medium"], default="highest")
+    parser.add_argument("--matmul-precision", choices=list(MATMUL_PRECISIONS), default="highest")
     parser.add_argument("--kv-cache-dtype", choices=["auto", "bfloat16"], default="auto")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: all cores)")

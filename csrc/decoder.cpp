@@ -32,7 +32,9 @@ DecoderStack::DecoderStack(const DecoderShape& shape, std::vector<LayerWeights> 
 }
 
 void DecoderStack::linear(const LinearWeights& w, const float* x, float* y, int64_t M) const {
-  if (w.format == f32_format_ && M <= linear_max_rows_ && !w.bf16)
+  if (w.int8)
+    int8_linear(x, static_cast<const uint8_t*>(w.weight), w.format, w.bias, y, M, w.n, w.k);
+  else if (w.format == f32_format_ && M <= linear_max_rows_ && !w.bf16)
     xllm::linear(x, static_cast<const float*>(w.weight), w.bias, y, M, w.n, w.k);
   else
     quant_linear(x, static_cast<const uint8_t*>(w.weight), w.format, w.row_bytes, w.bias, y, M,

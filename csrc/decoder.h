@@ -9,7 +9,8 @@
 namespace xllm {
 
 // One linear layer's weights: N rows of K, quantized (format, row_bytes) or float32 rows
-// (the "f32" format); bias [N] or null; bf16: bfloat16 products allowed (see quant_linear).
+// (the "f32" format); bias [N] or null; bf16: bfloat16 products allowed (see quant_linear);
+// int8: weight is the rows packed for int8 products (int8_linear), of that format.
 struct LinearWeights {
   const void* weight;
   int format;
@@ -17,6 +18,7 @@ struct LinearWeights {
   const float* bias;
   int64_t n, k;
   bool bf16;
+  bool int8;
 };
 
 struct LayerWeights {

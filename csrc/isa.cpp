@@ -21,6 +21,8 @@ struct Variant {
   decltype(&generic::linear) linear;
   decltype(&generic::quant_linear) quant_linear;
   decltype(&generic::bf16_products) bf16_products;
+  decltype(&generic::int8_linear) int8_linear;
+  decltype(&generic::int8_products_fast) int8_products_fast;
   decltype(&generic::dequantize) dequantize;
   decltype(&generic::rms_norm) rms_norm;
   decltype(&generic::silu_mul) silu_mul;
@@ -31,7 +33,8 @@ struct Variant {
 const Variant kVariants[] = {
     {"generic", [] { return true; }, generic::paged_attention, generic::topk_logprobs,
      generic::linear,
-     generic::quant_linear, generic::bf16_products, generic::dequantize,
+     generic::quant_linear, generic::bf16_products, generic::int8_linear,
+     generic::int8_products_fast, generic::dequantize,
      generic::rms_norm, generic::silu_mul, generic::rotary_write_kv},
 #if defined(__x86_64__)
     {"avx2",
@@ -41,7 +44,8 @@ const Variant kVariants[] = {
               __builtin_cpu_supports("f16c");
      },
      avx2::paged_attention, avx2::topk_logprobs, avx2::linear,
-     avx2::quant_linear, avx2::bf16_products, avx2::dequantize,
+     avx2::quant_linear, avx2::bf16_products, avx2::int8_linear,
+     avx2::int8_products_fast, avx2::dequantize,
      avx2::rms_norm, avx2::silu_mul, avx2::rotary_write_kv},
     {"avx512",
      [] {
@@ -51,7 +55,8 @@ const Variant kVariants[] = {
               __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
      },
      avx512::paged_attention, avx512::topk_logprobs, avx512::linear,
-     avx512::quant_linear, avx512::bf16_products, avx512::dequantize,
+     avx512::quant_linear, avx512::bf16_products, avx512::int8_linear,
+     avx512::int8_products_fast, avx512::dequantize,
      avx512::rms_norm, avx512::silu_mul, avx512::rotary_write_kv},
 #endif
 };
@@ -153,6 +158,13 @@ void quant_linear(const float* x, const uint8_t* weight, int format, int64_t row
   }
   running().quant_linear(x, weight, format, row_bytes, bias, y, M, N, K, bf16);
 }
+
+void int8_linear(const float* x, const uint8_t* packed, int format, const float* bias, float* y,
+                 int64_t M, int64_t N, int64_t K) {
+  running().int8_linear(x, packed, format, bias, y, M, N, K);
+}
+
+bool int8_products_fast() { return running().int8_products_fast(); }
 
 bool bf16_products(int64_t M) { return running().bf16_products(M); }
 

@@ -65,6 +65,12 @@ struct AttentionArgs {
                     const float* bias, float* y, int64_t M, int64_t N, int64_t K, bool bf16);  \
   /* Whether quant_linear with bf16 allowed multiplies M rows of x in bfloat16. */             \
   bool bf16_products(int64_t M);                                                               \
+  /* y [M, N] = x [M, K] @ W^T (+ bias) with int8 products (int8_linear.cpp): W's N rows */  \
+  /* of format q8_0, q4_0 or q4_1 packed by xllm.ops.quant.pack_int8. */                       \
+  void int8_linear(const float* x, const uint8_t* packed, int format, const float* bias,       \
+                   float* y, int64_t M, int64_t N, int64_t K);                                 \
+  /* Whether int8_linear runs its vectorized tile here (AVX-512 VNNI). */                      \
+  bool int8_products_fast();                                                                   \
   /* out [R, K]: rows[i] (i when rows is null) of W's N rows, dequantized. */                  \
   void dequantize(const uint8_t* weight, int format, int64_t row_bytes, const int64_t* rows,   \
                   int64_t R, int64_t N, float* out, int64_t K);                                                  \

@@ -26,17 +26,18 @@ T* ptr(uintptr_t p) {
   return reinterpret_cast<T*>(p);
 }
 
-// (weight, format name, row bytes, bias or 0, N, K, bfloat16 products allowed) from Python.
+// (weight, format name, row bytes, bias or 0, N, K, bfloat16 products allowed, int8 products
+// of packed rows) from Python.
 using LinearSpec =
-    std::tuple<uintptr_t, std::string, int64_t, uintptr_t, int64_t, int64_t, bool>;
+    std::tuple<uintptr_t, std::string, int64_t, uintptr_t, int64_t, int64_t, bool, bool>;
 // (input norm, qkv, o, post-attention norm, gate_up, down).
 using LayerSpec =
     std::tuple<uintptr_t, LinearSpec, LinearSpec, uintptr_t, LinearSpec, LinearSpec>;
 
 xllm::LinearWeights linear_weights(const LinearSpec& spec) {
-  const auto& [weight, format, row_bytes, bias, n, k, bf16] = spec;
+  const auto& [weight, format, row_bytes, bias, n, k, bf16, int8] = spec;
   return {ptr<const void>(weight), xllm::quant_format(format), row_bytes, ptr<const float>(bias),
-          n, k, bf16};
+          n, k, bf16, int8};
 }
 
 xllm::DecoderStack make_stack(int64_t hidden, int64_t heads, int64_t kv_heads,
@@ -139,6 +140,19 @@ PYBIND11_MODULE(_C, m) {
       "summed in float32. See xllm.ops.reference.");
   m.def("bf16_products", &xllm::bf16_products,
         "Whether quant_linear with bf16 allowed multiplies M rows of x in bfloat16 here.");
+  m.def(
+      "int8_linear",
+      [](uintptr_t x, uintptr_t packed, const std::string& format, uintptr_t bias, uintptr_t y,
+         int64_t M, int64_t N, int64_t K) {
+        const int f = xllm::quant_format(format);
+        py::gil_scoped_release release;
+        xllm::int8_linear(ptr<const float>(x), ptr<const uint8_t>(packed), f,
+                          ptr<const float>(bias), ptr<float>(y), M, N, K);
+      },
+      "y = x @ W^T (+ bias; 0 for none) with int8 products, W packed by "
+      "xllm.ops.quant.pack_int8. See xllm.ops.reference.");
+  m.def("int8_products_fast", &xllm::int8_products_fast,
+        "Whether int8_linear runs its vectorized tile (AVX-512 VNNI) here.");
   m.def(
       "dequantize",
       [](uintptr_t weight, const std::string& format, int64_t row_bytes, uintptr_t rows, int64_t R,

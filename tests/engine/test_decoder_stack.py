@@ -18,7 +18,14 @@ from transformers import Qwen2ForCausalLM as HFQwen2
 
 from xllm import ops
 from xllm.model.context import AttentionContext, set_context
-from xllm.model.llama import LlamaForCausalLM, allow_bf16_products, quantize_linears
+from xllm.model.llama import (
+    Linear,
+    LlamaForCausalLM,
+    allow_bf16_products,
+    allow_int8_products,
+    quantize_linears,
+)
+from xllm.ops.quant import QuantizedTensor
 
 cpu = pytest.importorskip("xllm.ops.cpu", reason="the C++ extension is not built")
 
@@ -42,6 +49,18 @@ def random_model(arch: str, hidden: int, intermediate: int, heads: int, kv_heads
     model = LlamaForCausalLM(hf.config, 256)
     model.load_weights(hf.state_dict().items())
     return model.eval()
+
+
+def gguf_linears(model: LlamaForCausalLM) -> None:
+    """Every Linear's weight as GGUF rows, quantized by the gguf package: Q4_1 in the layers,
+    Q8_0 in the LM head (the default model's formats)."""
+    gguf = pytest.importorskip("gguf")
+    for name, module in model.named_modules():
+        if isinstance(module, Linear):
+            qtype = "q8_0" if name == "lm_head" else "q4_1"
+            kind = gguf.GGMLQuantizationType[qtype.upper()]
+            rows = gguf.quants.quantize(module.weight.detach().numpy(), kind)
+            module.quantize(QuantizedTensor(qtype, torch.from_numpy(rows)))
 
 
 def layer_by_layer(monkeypatch):
@@ -88,7 +107,8 @@ MODELS = {
 }
 
 
-@pytest.mark.parametrize("rows", ["float32", "int8", "bf16-products", "bf16-kv-cache"])
+@pytest.mark.parametrize("rows", ["float32", "int8", "bf16-products", "int8-products",
+                                  "bf16-kv-cache"])
 @pytest.mark.parametrize("name", MODELS)
 def test_stack_equals_the_layer_by_layer_path(name, rows, monkeypatch):
     model = random_model(*MODELS[name])
@@ -96,6 +116,9 @@ def test_stack_equals_the_layer_by_layer_path(name, rows, monkeypatch):
         assert quantize_linears(model) == 4 * len(model.layers) + 1  # and the LM head
     if rows == "bf16-products":
         assert allow_bf16_products(model) == 4 * len(model.layers) + 1
+    if rows == "int8-products":
+        gguf_linears(model)
+        assert allow_int8_products(model) == 4 * len(model.layers) + 1
     kv_dtype = torch.bfloat16 if rows == "bf16-kv-cache" else torch.float32
     stacked, k_stacked, v_stacked = run_steps(model, kv_dtype=kv_dtype)
     assert isinstance(model._stack[1], cpu.DecoderStack)
@@ -108,6 +131,8 @@ def test_stack_equals_the_layer_by_layer_path(name, rows, monkeypatch):
     # The reference rounds every product to bfloat16 where allowed, the kernels only in steps
     # past one register block of rows (the prefill here); a key one float32 rounding away from
     # the reference's may round to the neighbouring bfloat16: bfloat16's tolerance for those.
+    # Int8 products: an x one float32 rounding away from the reference's may round to the
+    # neighbouring int8 (a step of 1/127 of its block's largest value).
     tol = 1e-4 if rows in ("float32", "int8") else 2e-2
     for a, b, ref in zip(stacked, layered, expected):
         assert torch.equal(a, b)
@@ -117,6 +142,10 @@ def test_stack_equals_the_layer_by_layer_path(name, rows, monkeypatch):
     if rows == "bf16-products" and cpu._C.bf16_products(sum(PROMPTS)):  # the flag got through
         plain, _, _ = run_steps(random_model(*MODELS[name]))
         assert not torch.equal(stacked[0], plain[0])
+    if rows == "int8-products":  # x was rounded: not the float32 product of the same rows
+        plain = random_model(*MODELS[name])
+        gguf_linears(plain)
+        assert not torch.equal(stacked[0], run_steps(plain)[0][0])
     if rows == "bf16-kv-cache":  # the first layer's keys are float32's rounded, and that shows
         plain, k_plain, _ = run_steps(model)
         assert k_stacked.dtype == torch.bfloat16

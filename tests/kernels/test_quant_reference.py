@@ -1,5 +1,6 @@
 """The quantized formats' reference (`reference.dequantize`) against the gguf package, and the
-test data (`quant_data.random_rows`) and `quant.quantize_int8` it is used with.
+test data (`quant_data.random_rows`) and `quant.quantize_int8` it is used with; the packing for
+int8 products (`quant.pack_int8`) and the reference's rounding of x to int8.
 
 gguf's numpy dequantization is an independent reading of ggml's block layouts: on the same
 bytes both must give the same float32 weights, bit for bit.
@@ -13,7 +14,15 @@ import pytest
 import torch
 
 from xllm.ops import reference as ref
-from xllm.ops.quant import FORMATS, quant_format, quantize_int8
+from xllm.ops.quant import (
+    FORMATS,
+    INT8_FORMATS,
+    QuantizedTensor,
+    int8_block_bytes,
+    pack_int8,
+    quant_format,
+    quantize_int8,
+)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # quant_data
 from quant_data import random_rows  # noqa: E402
@@ -90,3 +99,35 @@ def test_quantize_int8():
 def test_quantize_int8_refuses_k_not_multiple_of_32():
     with pytest.raises(ValueError, match="multiple of 32"):
         quantize_int8(torch.randn(2, 48))
+
+
+@pytest.mark.parametrize("qtype", INT8_FORMATS)
+@pytest.mark.parametrize("n", [1, 16, 17, 40])
+def test_int8_packing_keeps_the_weights(qtype, n):
+    """Packed for int8 products, the rows still give GGUF's weights, bit for bit."""
+    data = random_rows(qtype, n, 96, _gen(n))
+    packed = pack_int8(QuantizedTensor(qtype, data))
+    assert packed.shape == (n, 96)
+    assert packed.data.shape == (-(-n // 16), 3, int8_block_bytes(qtype))
+    assert torch.equal(ref.unpack_int8(packed), ref.dequantize(data, qtype))
+
+
+def test_int8_packing_refuses_other_formats():
+    with pytest.raises(ValueError, match="q8_0, q4_0, q4_1 weights, not q4_k"):
+        pack_int8(QuantizedTensor("q4_k", random_rows("q4_k", 2, 256, _gen(0))))
+
+
+def test_int8_rows():
+    """x rounded per block of 32: integers within 127, 127 at each block's largest |x|, each
+    within half a step of x / d; a block of zeros gives zeros with scale 0."""
+    x = torch.randn(3, 96, generator=_gen(1)) * torch.tensor([1.0, 1e-3, 50.0])[:, None]
+    x[1, 32:64] = 0.0
+    q, d = ref.int8_rows(x)
+    assert q.shape == x.shape and d.shape == (3, 3)
+    blocks, qb = x.view(3, 3, 32), q.view(3, 3, 32)
+    assert torch.equal(q, q.round()) and q.abs().max() <= 127
+    assert d[1, 1] == 0 and not qb[1, 1].any()
+    live = d > 0
+    assert torch.equal(qb.abs().amax(-1)[live], torch.full_like(d[live], 127.0))
+    err = (blocks - qb * d[..., None]).abs()
+    assert (err <= d[..., None] / 2 * (1 + 1e-5)).all()

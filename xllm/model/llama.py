@@ -17,7 +17,7 @@ from torch import nn
 from xllm import ops
 from xllm.model.context import get_context
 from xllm.ops.decoder import DecoderShape, LayerWeights, LinearWeights
-from xllm.ops.quant import QuantizedTensor, quantize_int8
+from xllm.ops.quant import INT8_FORMATS, Int8Packed, QuantizedTensor, pack_int8, quantize_int8
 
 logger = logging.getLogger(__name__)
 
@@ -34,16 +34,20 @@ def hold_quantized(module: nn.Module, weight: QuantizedTensor, shape: tuple[int,
 class Linear(nn.Linear):
     """nn.Linear whose product runs through `ops.linear` (the C++ skinny GEMM on the CPU),
     or through `ops.quant_linear` once `quantize` gave it quantized rows instead of weight.
-    `bf16_products` (see `allow_bf16_products`) lets the kernels multiply in bfloat16."""
+    `bf16_products` (see `allow_bf16_products`) lets the kernels multiply in bfloat16; `int8`
+    (see `allow_int8_products`) holds the rows packed for `ops.int8_linear` instead."""
 
     qtype: str | None = None
     bf16_products: bool = False
+    int8: Int8Packed | None = None
 
     def quantize(self, weight: QuantizedTensor) -> None:
         """Serve `weight` (quantized rows [out, in]) from now on; the float weight is freed."""
         hold_quantized(self, weight, (self.out_features, self.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int8 is not None:
+            return ops.int8_linear(x, self.int8, self.bias)
         if self.qtype is not None:
             return ops.quant_linear(x, self.qdata, self.qtype, self.bias, self.bf16_products)
         return ops.linear(x, self.weight, self.bias, self.bf16_products)
@@ -89,6 +93,20 @@ def allow_bf16_products(model: nn.Module) -> int:
         if isinstance(module, LlamaForCausalLM):
             module._stack = None  # the decoder stack holds the flags: build it again
     return len(linears)
+
+
+def allow_int8_products(model: nn.Module) -> int:
+    """Int8 products ("low" matmul precision), as llama.cpp multiplies its formats: every
+    Linear with q8_0, q4_0 or q4_1 rows keeps them packed for `ops.int8_linear` (x rounded to
+    int8 per block of 32) instead; the others get bfloat16 products. Returns how many."""
+    allow_bf16_products(model)
+    count = 0
+    for module in model.modules():
+        if isinstance(module, Linear) and module.qtype in INT8_FORMATS:
+            module.int8 = pack_int8(QuantizedTensor(module.qtype, module.qdata))
+            module.qdata = None  # the packed rows replace them
+            count += 1
+    return count
 
 
 # Model types whose q, k and v projections carry biases.
@@ -277,7 +295,7 @@ class LlamaForCausalLM(nn.Module):
 
     def _layer_weights(self) -> list[LayerWeights]:
         def weights(linear: Linear) -> LinearWeights:
-            weight = linear.weight if linear.qtype is None else linear.qdata
+            weight = linear.int8 or (linear.weight if linear.qtype is None else linear.qdata)
             return LinearWeights(weight, linear.qtype, linear.bias, linear.in_features,
                                  linear.bf16_products)
 

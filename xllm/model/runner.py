@@ -37,7 +37,7 @@ from xllm.model.device import (
     resolve_dtype,
     resolve_kv_cache_dtype,
 )
-from xllm.model.llama import allow_bf16_products, quantize_linears
+from xllm.model.llama import allow_bf16_products, allow_int8_products, quantize_linears
 from xllm.model.loader import gguf_source, iterate_weights
 
 logger = logging.getLogger(__name__)
@@ -106,6 +106,8 @@ class ModelRunner:
         if self.config.matmul_precision == "medium":
             logger.info("bfloat16 products allowed in %d linear layers",
                         allow_bf16_products(model))
+        elif self.config.matmul_precision == "low" and not self.on_cuda:
+            logger.info("int8 products in %d linear layers", allow_int8_products(model))
         return model.to(device=self.device, dtype=self.dtype).eval()
 
     def _kv_cache_memory(self) -> int:

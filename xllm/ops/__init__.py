@@ -99,6 +99,11 @@ def quant_linear(x, data, qtype, bias=None, bf16_products=False):
     return backend_for(x).quant_linear(x, data, qtype, bias, bf16_products)
 
 
+def int8_linear(x, packed, bias=None):
+    """See `reference.int8_linear`."""
+    return backend_for(x).int8_linear(x, packed, bias)
+
+
 def dequantize(data, qtype, rows=None):
     """See `reference.dequantize`."""
     return backend_for(data).dequantize(data, qtype, rows)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from xllm.ops.decoder import DecoderShape, LayerWeights, LinearWeights
-from xllm.ops.quant import quant_format
+from xllm.ops.quant import INT8_FORMATS, INT8_PANEL, Int8Packed, int8_block_bytes, quant_format
 
 try:
     import xllm._C as _C
@@ -306,6 +306,37 @@ def quant_linear(
     return out if x.dim() == 2 else out.view(*x.shape[:-1], n)
 
 
+def _check_int8(packed: Int8Packed) -> None:
+    data = packed.data
+    if packed.qtype not in INT8_FORMATS or data.dtype is not torch.uint8 or not data.is_cpu \
+            or not data.is_contiguous() or data.shape != (
+                -(-packed.n // INT8_PANEL), packed.k // 32, int8_block_bytes(packed.qtype)):
+        raise ValueError("int8 weights must come from xllm.ops.quant.pack_int8")
+
+
+def int8_linear(
+    x: torch.Tensor, packed: Int8Packed, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """See `xllm.ops.reference.int8_linear`: csrc/int8_linear.cpp (vpdpbusd with AVX-512 VNNI,
+    a portable loop of the same sums elsewhere)."""
+    _check_int8(packed)
+    _require_cpu_f32("x", x)
+    n, k = packed.n, packed.k
+    if x.shape[-1] != k:
+        raise ValueError(f"x must be [..., {k}]")
+    m = x.numel() // k if k else 0
+    if bias is not None:
+        _require_cpu_f32("bias", bias)
+        if bias.shape != (n,):
+            raise ValueError(f"bias must be [{n}]")
+        bias = bias.contiguous()
+    x = x.contiguous()
+    out = torch.empty(m, n, dtype=_F32)
+    _C.int8_linear(x.data_ptr(), packed.data.data_ptr(), packed.qtype,
+                   0 if bias is None else bias.data_ptr(), out.data_ptr(), m, n, k)
+    return out.view(*x.shape[:-1], n)
+
+
 def dequantize(
     data: torch.Tensor, qtype: str, rows: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -428,8 +459,14 @@ class DecoderStack:
 
     @staticmethod
     def _linear(w: LinearWeights) -> tuple:
-        n, k = w.weight.shape[0], w.in_features
-        if w.qtype is None:  # float rows, the formats' "f32" past LINEAR_MAX_ROWS
+        int8 = isinstance(w.weight, Int8Packed)
+        n, k = w.weight.n if int8 else w.weight.shape[0], w.in_features
+        if int8:
+            _check_int8(w.weight)
+            if w.weight.k != k:
+                raise ValueError(f"packed int8 rows do not hold {k} weights")
+            qtype, row_bytes = w.qtype, 0
+        elif w.qtype is None:  # float rows, the formats' "f32" past LINEAR_MAX_ROWS
             _require_cpu_f32("weight", w.weight)
             if w.weight.shape != (n, k) or not w.weight.is_contiguous() or k % 32:
                 raise ValueError("float rows must be contiguous [N, K], K a multiple of 32")
@@ -444,7 +481,8 @@ class DecoderStack:
             if w.bias.shape != (n,) or not w.bias.is_contiguous():
                 raise ValueError(f"bias must be a contiguous [{n}]")
             bias = w.bias.data_ptr()
-        return w.weight.data_ptr(), qtype, row_bytes, bias, n, k, w.bf16_products
+        data = w.weight.data if int8 else w.weight
+        return data.data_ptr(), qtype, row_bytes, bias, n, k, w.bf16_products, int8
 
     def __call__(
         self,

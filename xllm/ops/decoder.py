@@ -5,9 +5,13 @@ from typing import NamedTuple
 
 import torch
 
+from xllm.ops.quant import Int8Packed
+
 
 class LinearWeights(NamedTuple):
-    weight: torch.Tensor  # float rows [N, K], or quantized rows [N, row_bytes] of qtype
+    # float rows [N, K], quantized rows [N, row_bytes] of qtype, or those rows packed for int8
+    # products (`xllm.ops.quant.pack_int8`)
+    weight: torch.Tensor | Int8Packed
     qtype: str | None  # None: float rows
     bias: torch.Tensor | None  # [N]
     in_features: int  # K

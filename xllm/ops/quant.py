@@ -87,3 +87,67 @@ def quantize_int8(weight: torch.Tensor) -> QuantizedTensor:
     data[:, :4] = scale[:, None].view(torch.uint8)
     data[:, 4:] = q.view(torch.uint8)
     return QuantizedTensor("int8", data)
+
+
+# Int8 products (`--matmul-precision low`): x is rounded to int8 per block of 32 and meets the
+# integer weights of these formats, packed by `pack_int8` (csrc/int8_linear.cpp multiplies).
+INT8_FORMATS = ("q8_0", "q4_0", "q4_1")
+INT8_PANEL = 16  # W rows per panel
+# Integer weights are stored unsigned: w = d * (q - zero) (+ m for q4_1).
+INT8_ZERO = {"q8_0": 128, "q4_0": 8, "q4_1": 0}
+
+
+@dataclass
+class Int8Packed:
+    """W [n, k] of a `INT8_FORMATS` format, packed for int8 products.
+
+    data: uint8 [ceil(n / 16), k / 32, block_bytes]: panel p holds rows 16p .. 16p + 15 (rows
+    past n are zeros), block b their weights b * 32 .. b * 32 + 31, as
+    - the weights: q8_0: 512 bytes, byte 64g + 4j + t = q(j, 4g + t) + 128 (g < 8); q4_0 and
+      q4_1: 256 bytes, byte 64g + 4j + t = GGUF's byte 4g + t of row j's block (g < 4): the
+      low nibble q(j, 4g + t), the high one q(j, 16 + 4g + t);
+    - then d of the 16 rows (float32), and for q4_1 m of the 16 rows (float32).
+    """
+
+    qtype: str
+    data: torch.Tensor
+    n: int
+    k: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.n, self.k
+
+
+def int8_block_bytes(qtype: str) -> int:
+    """Bytes of one panel's block in `Int8Packed.data`."""
+    weights = 512 if qtype == "q8_0" else 256
+    return weights + 4 * INT8_PANEL * (2 if qtype == "q4_1" else 1)
+
+
+def pack_int8(w: QuantizedTensor) -> Int8Packed:
+    """W's rows packed for int8 products (see `Int8Packed`); the same weights."""
+    if w.qtype not in INT8_FORMATS:
+        raise ValueError(f"int8 products take {', '.join(INT8_FORMATS)} weights, not {w.qtype}")
+    n, k = w.shape
+    fmt = FORMATS[w.qtype]
+    panels, blocks = -(-n // INT8_PANEL), k // fmt.block
+    rows = torch.zeros(panels * INT8_PANEL, blocks, fmt.block_bytes, dtype=torch.uint8)
+    rows[:n] = w.data.view(n, blocks, fmt.block_bytes)
+    rows = rows.view(panels, INT8_PANEL, blocks, fmt.block_bytes)
+
+    def interleaved(q: torch.Tensor) -> torch.Tensor:  # [P, 16, B, 4g] -> [P, B, 64g]
+        groups = q.shape[-1] // 4
+        return q.unflatten(-1, (groups, 4)).permute(0, 2, 3, 1, 4).reshape(panels, blocks, -1)
+
+    def scales(raw: torch.Tensor) -> torch.Tensor:  # f16 bytes [P, 16, B, 2] -> [P, B, 64]
+        f32 = raw.contiguous().view(torch.float16).float().squeeze(-1)
+        return f32.permute(0, 2, 1).contiguous().view(torch.uint8)
+
+    if w.qtype == "q8_0":
+        parts = [interleaved(rows[..., 2:] ^ 0x80), scales(rows[..., 0:2])]
+    elif w.qtype == "q4_0":
+        parts = [interleaved(rows[..., 2:]), scales(rows[..., 0:2])]
+    else:
+        parts = [interleaved(rows[..., 4:]), scales(rows[..., 0:2]), scales(rows[..., 2:4])]
+    return Int8Packed(w.qtype, torch.cat(parts, dim=-1).contiguous(), n, k)

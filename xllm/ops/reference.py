@@ -6,7 +6,7 @@ Readable first, fast never. Each function has the same signature as its C++
 
 import torch
 
-from xllm.ops.quant import quant_format
+from xllm.ops.quant import INT8_PANEL, INT8_ZERO, Int8Packed, quant_format
 
 
 def paged_attention(
@@ -228,6 +228,50 @@ def quant_linear(
     """y = x @ W^T (+ bias) for W the quantized rows data [N, row_bytes]: x [..., K] float32.
     bf16_products: as in `linear`."""
     return linear(x.float(), dequantize(data, qtype), bias, bf16_products)
+
+
+def unpack_int8(packed: Int8Packed) -> torch.Tensor:
+    """float32 weights [n, k] of rows packed by `xllm.ops.quant.pack_int8`."""
+    qtype, data = packed.qtype, packed.data
+    panels, blocks, _ = data.shape
+    weights = 512 if qtype == "q8_0" else 256
+    raw = data[..., :weights].unflatten(-1, (-1, INT8_PANEL, 4))  # [P, B, g, j, t]
+    if qtype != "q8_0":
+        raw = torch.cat((raw & 0xF, raw >> 4), dim=2)  # groups of the high nibbles after
+    q = raw.permute(0, 3, 1, 2, 4).reshape(panels, INT8_PANEL, blocks, 32).float()
+
+    def scale(at: int) -> torch.Tensor:  # [P, 16, B, 1]
+        f32 = data[..., at:at + 4 * INT8_PANEL].contiguous().view(torch.float32)
+        return f32.permute(0, 2, 1)[..., None]
+
+    w = scale(weights) * (q - INT8_ZERO[qtype])
+    if qtype == "q4_1":
+        w = w + scale(weights + 4 * INT8_PANEL)
+    return w.reshape(panels * INT8_PANEL, blocks * 32)[: packed.n]
+
+
+def int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] rounded to int8 per block of 32: q [M, K] (float, integer values) and the
+    scales d [M, K / 32] = amax / 127, with q = round(x * (127 / amax)) (ties to even)."""
+    blocks = x.float().unflatten(-1, (-1, 32))
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    # 127 / amax as one float32 division (torch's `127.0 / t` multiplies by a reciprocal)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0).div(amax), torch.zeros_like(amax))
+    return torch.round(blocks * inv).flatten(-2), (amax / 127.0).squeeze(-1)
+
+
+def int8_linear(
+    x: torch.Tensor, packed: Int8Packed, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y = x @ W^T (+ bias) with int8 products (`--matmul-precision low`): x [..., K] rounded
+    by `int8_rows`, times W (`unpack_int8`), summed in float64; returns float32 [..., n]."""
+    rows = x.reshape(-1, packed.k)
+    q, d = int8_rows(rows)
+    xq = (q.double().unflatten(-1, (-1, 32)) * d.double()[..., None]).flatten(-2)
+    y = xq @ unpack_int8(packed).double().T
+    if bias is not None:
+        y = y + bias.double()
+    return y.float().reshape(*x.shape[:-1], packed.n)
 
 
 def rms_norm(
