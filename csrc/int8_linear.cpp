@@ -52,11 +52,15 @@ inline float load_f32(const uint8_t* p) {
   return f;
 }
 
+// Values of x from which both threads round it (a serial rounding of 64 x 1,536 took 8.6% of
+// a down projection's time, the other thread waiting).
+constexpr int64_t kParallelQuantize = 1 << 14;
+
 // x [M, K] rounded per block (to nearest, ties to even): q [M, K], d [M, B] (amax / 127) and c [M, B]: -zero * sum(q) as
 // int32 where the format has a zero point, d * sum(q) as float bits for Q4_1.
 void quantize_x(const float* x, int64_t M, int64_t K, int f, int8_t* q, float* d, int32_t* c) {
   const int64_t B = K / kBlock, blocks = M * B;
-#pragma omp parallel for schedule(static) if (omp_get_max_threads() > 1 && M * K >= (1 << 17))
+#pragma omp parallel for schedule(static) if (omp_get_max_threads() > 1 && M * K >= kParallelQuantize)
   for (int64_t i = 0; i < blocks; ++i) {
     const float* xb = x + i * kBlock;
     int8_t* qb = q + i * kBlock;

@@ -254,3 +254,15 @@ def test_unknown_kv_cache_dtype_is_refused():
 def test_unknown_matmul_precision_is_refused():
     with pytest.raises(ValueError, match="highest or medium or low"):
         LLM("default", matmul_precision="high", num_blocks=8)
+
+
+def test_int8_products_without_vnni_warn(monkeypatch, caplog):
+    """Where the CPU lacks AVX-512 VNNI, the portable loop serves: said at startup."""
+    from xllm import ops
+
+    monkeypatch.setattr(ops, "int8_products_fast", lambda: False)
+    with caplog.at_level("WARNING", logger="xllm.model.runner"):
+        llm = LLM("default", matmul_precision="low", max_model_len=256, num_blocks=8)
+    assert "lacks AVX-512 VNNI" in caplog.text
+    del llm
+    gc.collect()

@@ -23,8 +23,8 @@ except ImportError:  # the suite must not pass without them: cpu_isa fails every
 pytestmark = pytest.mark.usefixtures("cpu_isa")
 
 TOL = {"rtol": 1e-4, "atol": 1e-4}
-# Around the 4-row register block and the 2-panel (32-row) tile; 130 and 520 rows quantize x
-# on both threads (2^17 values).
+# Around the 4-row register block and the 2-panel (32-row) tile; from 29 rows of 576 values
+# (2^14), x is rounded on both threads.
 ROWS = [1, 2, 3, 4, 5, 8, 16, 17, 64, 130, 520]
 OUTPUTS = [1, 3, 16, 17, 33, 100]
 DEPTHS = [32, 96, 576]

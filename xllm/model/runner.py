@@ -108,6 +108,9 @@ class ModelRunner:
                         allow_bf16_products(model))
         elif self.config.matmul_precision == "low" and not self.on_cuda:
             logger.info("int8 products in %d linear layers", allow_int8_products(model))
+            if not ops.int8_products_fast():
+                logger.warning("this CPU lacks AVX-512 VNNI: int8 products run a portable "
+                               "loop, slower than --matmul-precision highest")
         return model.to(device=self.device, dtype=self.dtype).eval()
 
     def _kv_cache_memory(self) -> int:

@@ -104,6 +104,12 @@ def int8_linear(x, packed, bias=None):
     return backend_for(x).int8_linear(x, packed, bias)
 
 
+def int8_products_fast() -> bool:
+    """Whether the CPU's int8_linear runs its vectorized tile here (AVX-512 VNNI)."""
+    cpp = _load("cpp")
+    return cpp is not None and cpp._C.int8_products_fast()
+
+
 def dequantize(data, qtype, rows=None):
     """See `reference.dequantize`."""
     return backend_for(data).dequantize(data, qtype, rows)
