@@ -137,6 +137,10 @@ inline __m512i bcast4(const int8_t* p) {
   return _mm512_set1_epi32(v);
 }
 
+// Blocks ahead that a one-row tile fetches (decoding one sequence of the default model,
+// alternating builds: 165 and 172 tokens/s without, 182 and 194 with).
+constexpr int64_t kPrefetchBlocks = 8;
+
 // MR rows of x (q at q, stride K) against NV panels (the first at w, panel_bytes apart): y
 // [MR, 16 NV] at y (stride ldy), its last panel's first `last` rows only.
 template <int F, int MR, int NV>
@@ -151,6 +155,11 @@ void tile(const uint8_t* w, int64_t panel_bytes, const int8_t* q, const float* d
   for (int64_t b = 0; b < B; ++b) {
     const uint8_t* wb = w + b * bb;
     const int8_t* xb = q + b * kBlock;
+    if constexpr (MR == 1) {  // one row of x: W streams from memory, bound by its latency
+      for (int v = 0; v < NV; ++v)
+        for (int64_t l = 0; l < bb; l += 64)
+          __builtin_prefetch(wb + v * panel_bytes + kPrefetchBlocks * bb + l, 0, 2);
+    }
     __m512i s[MR][NV];
     for (int m = 0; m < MR; ++m) {
       const __m512i init =
