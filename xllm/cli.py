@@ -118,8 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
         "operands to bfloat16 and sums in float32 where that is faster (AVX-512 BF16, batches "
         "of more than 4 rows: about 1.5x the multiply rate), as torch.set_float32_matmul_"
         "precision names it; low rounds x to int8 per block of 32 and multiplies it with the "
-        "integer weights of Q8_0, Q4_0 and Q4_1 files as llama.cpp does (AVX-512 VNNI: twice "
-        "bfloat16's rate; other weights as medium). On CUDA the model runs in --dtype")
+        "integer weights of Q8_0, Q4_0 and Q4_1 files (and of --quantization int8) as "
+        "llama.cpp does (AVX-512 VNNI: twice bfloat16's rate; other weights as medium). On "
+        "CUDA the model runs in --dtype")
     add("--kv-cache-dtype", default=defaults.kv_cache_dtype, choices=list(KV_CACHE_DTYPES),
         help="dtype of the KV cache; auto: the model's (--dtype); bfloat16: keys and values "
         "rounded to bfloat16 as they are written, half the memory and half the bytes "

@@ -108,7 +108,7 @@ MODELS = {
 
 
 @pytest.mark.parametrize("rows", ["float32", "int8", "bf16-products", "int8-products",
-                                  "bf16-kv-cache"])
+                                  "int8-rows-int8-products", "bf16-kv-cache"])
 @pytest.mark.parametrize("name", MODELS)
 def test_stack_equals_the_layer_by_layer_path(name, rows, monkeypatch):
     model = random_model(*MODELS[name])
@@ -116,8 +116,8 @@ def test_stack_equals_the_layer_by_layer_path(name, rows, monkeypatch):
         assert quantize_linears(model) == 4 * len(model.layers) + 1  # and the LM head
     if rows == "bf16-products":
         assert allow_bf16_products(model) == 4 * len(model.layers) + 1
-    if rows == "int8-products":
-        gguf_linears(model)
+    if rows.endswith("int8-products"):  # of GGUF rows, or of xllm's int8 rows
+        gguf_linears(model) if rows == "int8-products" else quantize_linears(model)
         assert allow_int8_products(model) == 4 * len(model.layers) + 1
     kv_dtype = torch.bfloat16 if rows == "bf16-kv-cache" else torch.float32
     stacked, k_stacked, v_stacked = run_steps(model, kv_dtype=kv_dtype)
@@ -142,9 +142,9 @@ def test_stack_equals_the_layer_by_layer_path(name, rows, monkeypatch):
     if rows == "bf16-products" and cpu._C.bf16_products(sum(PROMPTS)):  # the flag got through
         plain, _, _ = run_steps(random_model(*MODELS[name]))
         assert not torch.equal(stacked[0], plain[0])
-    if rows == "int8-products":  # x was rounded: not the float32 product of the same rows
+    if rows.endswith("int8-products"):  # x was rounded: not the float32 product of those rows
         plain = random_model(*MODELS[name])
-        gguf_linears(plain)
+        gguf_linears(plain) if rows == "int8-products" else quantize_linears(plain)
         assert not torch.equal(stacked[0], run_steps(plain)[0][0])
     if rows == "bf16-kv-cache":  # the first layer's keys are float32's rounded, and that shows
         plain, k_plain, _ = run_steps(model)

@@ -108,12 +108,19 @@ def test_int8_packing_keeps_the_weights(qtype, n):
     data = random_rows(qtype, n, 96, _gen(n))
     packed = pack_int8(QuantizedTensor(qtype, data))
     assert packed.shape == (n, 96)
-    assert packed.data.shape == (-(-n // 16), 3, int8_block_bytes(qtype))
+    assert packed.data.shape == (-(-n // 16), 3, int8_block_bytes(packed.qtype))
     assert torch.equal(ref.unpack_int8(packed), ref.dequantize(data, qtype))
 
 
+def test_int8_rows_pack_as_q8_0_blocks_of_their_scale():
+    data = random_rows("int8", 5, 64, _gen(3))
+    packed = pack_int8(QuantizedTensor("int8", data))
+    assert packed.qtype == "q8_0"
+    assert torch.equal(ref.unpack_int8(packed), ref.dequantize(data, "int8"))
+
+
 def test_int8_packing_refuses_other_formats():
-    with pytest.raises(ValueError, match="q8_0, q4_0, q4_1 weights, not q4_k"):
+    with pytest.raises(ValueError, match="q8_0, q4_0, q4_1, int8 weights, not q4_k"):
         pack_int8(QuantizedTensor("q4_k", random_rows("q4_k", 2, 256, _gen(0))))
 
 

@@ -7,7 +7,8 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 KV_CACHE_DTYPES = ("auto", "bfloat16")  # "auto": the model's dtype
 # torch's names; "medium" allows bfloat16 products, "low" (xllm's) int8 ones (x rounded to int8
-# per block of 32, as llama.cpp does) where the weights are q8_0, q4_0 or q4_1, else bfloat16.
+# per block of 32, as llama.cpp does) where the weights are q8_0, q4_0, q4_1 or int8, else
+# bfloat16.
 MATMUL_PRECISIONS = ("highest", "medium", "low")
 
 

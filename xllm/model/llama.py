@@ -97,8 +97,9 @@ def allow_bf16_products(model: nn.Module) -> int:
 
 def allow_int8_products(model: nn.Module) -> int:
     """Int8 products ("low" matmul precision), as llama.cpp multiplies its formats: every
-    Linear with q8_0, q4_0 or q4_1 rows keeps them packed for `ops.int8_linear` (x rounded to
-    int8 per block of 32) instead; the others get bfloat16 products. Returns how many."""
+    Linear with q8_0, q4_0, q4_1 or int8 rows keeps them packed for `ops.int8_linear` (x
+    rounded to int8 per block of 32) instead; the others get bfloat16 products. Returns how
+    many."""
     allow_bf16_products(model)
     count = 0
     for module in model.modules():

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from xllm.ops.decoder import DecoderShape, LayerWeights, LinearWeights
-from xllm.ops.quant import INT8_FORMATS, INT8_PANEL, Int8Packed, int8_block_bytes, quant_format
+from xllm.ops.quant import INT8_PANEL, INT8_ZERO, Int8Packed, int8_block_bytes, quant_format
 
 try:
     import xllm._C as _C
@@ -308,7 +308,7 @@ def quant_linear(
 
 def _check_int8(packed: Int8Packed) -> None:
     data = packed.data
-    if packed.qtype not in INT8_FORMATS or data.dtype is not torch.uint8 or not data.is_cpu \
+    if packed.qtype not in INT8_ZERO or data.dtype is not torch.uint8 or not data.is_cpu \
             or not data.is_contiguous() or data.shape != (
                 -(-packed.n // INT8_PANEL), packed.k // 32, int8_block_bytes(packed.qtype)):
         raise ValueError("int8 weights must come from xllm.ops.quant.pack_int8")
@@ -465,7 +465,7 @@ class DecoderStack:
             _check_int8(w.weight)
             if w.weight.k != k:
                 raise ValueError(f"packed int8 rows do not hold {k} weights")
-            qtype, row_bytes = w.qtype, 0
+            qtype, row_bytes = w.weight.qtype, 0  # the packed layout
         elif w.qtype is None:  # float rows, the formats' "f32" past LINEAR_MAX_ROWS
             _require_cpu_f32("weight", w.weight)
             if w.weight.shape != (n, k) or not w.weight.is_contiguous() or k % 32:

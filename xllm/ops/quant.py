@@ -91,15 +91,17 @@ def quantize_int8(weight: torch.Tensor) -> QuantizedTensor:
 
 # Int8 products (`--matmul-precision low`): x is rounded to int8 per block of 32 and meets the
 # integer weights of these formats, packed by `pack_int8` (csrc/int8_linear.cpp multiplies).
-INT8_FORMATS = ("q8_0", "q4_0", "q4_1")
+INT8_FORMATS = ("q8_0", "q4_0", "q4_1", "int8")
 INT8_PANEL = 16  # W rows per panel
-# Integer weights are stored unsigned: w = d * (q - zero) (+ m for q4_1).
+# The packed layouts (int8 rows take q8_0's, their row scale as every block's d). Integer
+# weights are stored unsigned: w = d * (q - zero) (+ m for q4_1).
 INT8_ZERO = {"q8_0": 128, "q4_0": 8, "q4_1": 0}
 
 
 @dataclass
 class Int8Packed:
-    """W [n, k] of a `INT8_FORMATS` format, packed for int8 products.
+    """W [n, k] of a `INT8_FORMATS` format, packed for int8 products in the layout qtype
+    (a key of `INT8_ZERO`).
 
     data: uint8 [ceil(n / 16), k / 32, block_bytes]: panel p holds rows 16p .. 16p + 15 (rows
     past n are zeros), block b their weights b * 32 .. b * 32 + 31, as
@@ -130,24 +132,30 @@ def pack_int8(w: QuantizedTensor) -> Int8Packed:
     if w.qtype not in INT8_FORMATS:
         raise ValueError(f"int8 products take {', '.join(INT8_FORMATS)} weights, not {w.qtype}")
     n, k = w.shape
-    fmt = FORMATS[w.qtype]
-    panels, blocks = -(-n // INT8_PANEL), k // fmt.block
-    rows = torch.zeros(panels * INT8_PANEL, blocks, fmt.block_bytes, dtype=torch.uint8)
-    rows[:n] = w.data.view(n, blocks, fmt.block_bytes)
-    rows = rows.view(panels, INT8_PANEL, blocks, fmt.block_bytes)
-
-    def interleaved(q: torch.Tensor) -> torch.Tensor:  # [P, 16, B, 4g] -> [P, B, 64g]
-        groups = q.shape[-1] // 4
-        return q.unflatten(-1, (groups, 4)).permute(0, 2, 3, 1, 4).reshape(panels, blocks, -1)
-
-    def scales(raw: torch.Tensor) -> torch.Tensor:  # f16 bytes [P, 16, B, 2] -> [P, B, 64]
-        f32 = raw.contiguous().view(torch.float16).float().squeeze(-1)
-        return f32.permute(0, 2, 1).contiguous().view(torch.uint8)
-
-    if w.qtype == "q8_0":
-        parts = [interleaved(rows[..., 2:] ^ 0x80), scales(rows[..., 0:2])]
-    elif w.qtype == "q4_0":
-        parts = [interleaved(rows[..., 2:]), scales(rows[..., 0:2])]
+    blocks, panels = k // 32, -(-n // INT8_PANEL)
+    if w.qtype == "int8":  # q8_0 blocks whose d is the row's float32 scale
+        layout, q = "q8_0", w.data[:, 4:].reshape(n, blocks, 32) ^ 0x80
+        scales = [w.data[:, :4].contiguous().view(torch.float32).expand(n, blocks)]
     else:
-        parts = [interleaved(rows[..., 4:]), scales(rows[..., 0:2]), scales(rows[..., 2:4])]
-    return Int8Packed(w.qtype, torch.cat(parts, dim=-1).contiguous(), n, k)
+        layout, b = w.qtype, w.data.view(n, blocks, FORMATS[w.qtype].block_bytes)
+
+        def f16(at: int) -> torch.Tensor:  # [n, B]
+            return b[..., at:at + 2].contiguous().view(torch.float16).float().squeeze(-1)
+
+        if w.qtype == "q8_0":
+            q, scales = b[..., 2:] ^ 0x80, [f16(0)]
+        elif w.qtype == "q4_0":
+            q, scales = b[..., 2:], [f16(0)]
+        else:
+            q, scales = b[..., 4:], [f16(0), f16(2)]
+
+    def in_panels(t: torch.Tensor) -> torch.Tensor:  # [n, B, ...] -> [P, 16, B, ...], zeros after n
+        out = t.new_zeros(panels * INT8_PANEL, *t.shape[1:])
+        out[:n] = t
+        return out.view(panels, INT8_PANEL, *t.shape[1:])
+
+    # byte 64g + 4j + t of a block: byte 4g + t of row j's
+    weights = in_panels(q).unflatten(-1, (-1, 4)).permute(0, 2, 3, 1, 4).reshape(panels, blocks, -1)
+    parts = [weights]
+    parts += [in_panels(d).permute(0, 2, 1).contiguous().view(torch.uint8) for d in scales]
+    return Int8Packed(layout, torch.cat(parts, dim=-1).contiguous(), n, k)
