@@ -2,11 +2,11 @@
 // 4- and 8-bit formats: x is rounded to int8 per block of 32 values (scale amax / 127), and
 // each block's integer dot products with W's own integer weights are summed exactly, then
 // scaled by both blocks' scales. W comes as xllm.ops.quant.pack_int8 packs Q4_0, Q4_1 and
-// Q8_0 rows: panels of 16 rows, block by block, so that one 64-byte load holds 4 consecutive
-// weights of each of the 16 rows (the operand of vpdpbusd) and the 16 sums land in the lanes
-// of one vector, the rows' outputs (no horizontal sums). Weights are unsigned, with a zero
-// point the x side folds in (its per-block sums times -zero start each block's sum); Q4_1's
-// per-block minimum m adds m * d_x * sum(q_x).
+// Q8_0 rows (xllm's int8 rows as Q8_0): panels of 16 rows, block by block, so that one
+// 64-byte load holds 4 consecutive weights of each of the 16 rows (the operand of vpdpbusd)
+// and the 16 sums land in the lanes of one vector, the rows' outputs (no horizontal sums).
+// Weights are unsigned, with a zero point the x side folds in (its per-block sums times -zero
+// start each block's sum); Q4_1's per-block minimum m adds m * d_x * sum(q_x).
 //
 // With AVX-512 VNNI, vpdpbusd multiplies 64 byte pairs per instruction, twice the pairs of
 // vdpbf16ps: the tile below. Elsewhere a portable loop computes the same sums and scalings in
@@ -56,11 +56,13 @@ inline float load_f32(const uint8_t* p) {
 // a down projection's time, the other thread waiting).
 constexpr int64_t kParallelQuantize = 1 << 14;
 
-// x [M, K] rounded per block (to nearest, ties to even): q [M, K], d [M, B] (amax / 127) and c [M, B]: -zero * sum(q) as
-// int32 where the format has a zero point, d * sum(q) as float bits for Q4_1.
+// x [M, K] rounded per block (to nearest, ties to even): q [M, K], d [M, B] (amax / 127) and
+// c [M, B]: -zero * sum(q) as int32 where the format has a zero point, d * sum(q) as float
+// bits for Q4_1.
 void quantize_x(const float* x, int64_t M, int64_t K, int f, int8_t* q, float* d, int32_t* c) {
   const int64_t B = K / kBlock, blocks = M * B;
-#pragma omp parallel for schedule(static) if (omp_get_max_threads() > 1 && M * K >= kParallelQuantize)
+#pragma omp parallel for schedule(static) \
+    if (omp_get_max_threads() > 1 && M * K >= kParallelQuantize)
   for (int64_t i = 0; i < blocks; ++i) {
     const float* xb = x + i * kBlock;
     int8_t* qb = q + i * kBlock;
