@@ -121,10 +121,14 @@ class Int8Packed:
         return self.n, self.k
 
 
-def int8_block_bytes(qtype: str) -> int:
+def int8_weight_bytes(layout: str) -> int:
+    """Bytes of the weights of one panel's block in `Int8Packed.data` (its scales follow)."""
+    return 512 if layout == "q8_0" else 256
+
+
+def int8_block_bytes(layout: str) -> int:
     """Bytes of one panel's block in `Int8Packed.data`."""
-    weights = 512 if qtype == "q8_0" else 256
-    return weights + 4 * INT8_PANEL * (2 if qtype == "q4_1" else 1)
+    return int8_weight_bytes(layout) + 4 * INT8_PANEL * (2 if layout == "q4_1" else 1)
 
 
 def pack_int8(w: QuantizedTensor) -> Int8Packed:

@@ -6,7 +6,7 @@ Readable first, fast never. Each function has the same signature as its C++
 
 import torch
 
-from xllm.ops.quant import INT8_PANEL, INT8_ZERO, Int8Packed, quant_format
+from xllm.ops.quant import INT8_PANEL, INT8_ZERO, Int8Packed, int8_weight_bytes, quant_format
 
 
 def paged_attention(
@@ -234,7 +234,7 @@ def unpack_int8(packed: Int8Packed) -> torch.Tensor:
     """float32 weights [n, k] of rows packed by `xllm.ops.quant.pack_int8`."""
     qtype, data = packed.qtype, packed.data
     panels, blocks, _ = data.shape
-    weights = 512 if qtype == "q8_0" else 256
+    weights = int8_weight_bytes(qtype)
     raw = data[..., :weights].unflatten(-1, (-1, INT8_PANEL, 4))  # [P, B, g, j, t]
     if qtype != "q8_0":
         raw = torch.cat((raw & 0xF, raw >> 4), dim=2)  # groups of the high nibbles after
