@@ -29,7 +29,6 @@
 namespace xllm::XLLM_ISA {
 namespace {
 
-enum Format : int { kQ8_0 = 0, kQ4_0 = 1, kQ4_1 = 2 };  // indices of kQuantFormats
 constexpr int kPanel = 16;  // W rows per panel
 constexpr int kBlock = 32;  // values per block
 

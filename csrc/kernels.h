@@ -111,6 +111,8 @@ inline constexpr QuantFormat kQuantFormats[] = {
     {"q4_k", 256, 144, 0},  {"q6_k", 256, 210, 0}, {"int8", 32, 32, 4},
     {"f32", 32, 128, 0},
 };
+// The positions of the formats in kQuantFormats (the kernels' `format` values).
+enum QuantFormatId : int { kQ8_0, kQ4_0, kQ4_1, kQ4_K, kQ6_K, kInt8, kF32 };
 // The index of a format's name; std::invalid_argument for an unknown one.
 int quant_format(const std::string& name);
 

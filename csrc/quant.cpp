@@ -87,8 +87,6 @@ inline float f32(const uint8_t* p) {
   return f;
 }
 
-enum Format : int { kQ8_0, kQ4_0, kQ4_1, kQ4_K, kQ6_K, kInt8, kF32 };
-
 // Q4_0 and Q4_1 blocks of 32 weights: bytes per block, and where the 16 bytes of nibbles start.
 constexpr int64_t q4_block_bytes(int f) { return f == kQ4_0 ? 18 : 20; }
 constexpr int64_t q4_nibbles_at(int f) { return f == kQ4_0 ? 2 : 4; }

@@ -41,13 +41,18 @@ def greedy(max_tokens: int, **kwargs) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kwargs)
 
 
-@pytest.fixture(scope="module")
-def smol_float():
-    """The default model with every weight dequantized to float32 (--quantization none)."""
-    llm = LLM("default", quantization="none", max_model_len=1024, num_blocks=128)
+def default_model(**options):
+    """The default model served with these engine options, freed after the module's tests."""
+    llm = LLM("default", max_model_len=1024, num_blocks=128, **options)
     yield llm
     del llm
     gc.collect()
+
+
+@pytest.fixture(scope="module")
+def smol_float():
+    """The default model with every weight dequantized to float32 (--quantization none)."""
+    yield from default_model(quantization="none")
 
 
 def test_default_model_is_served_in_its_own_formats(smol_llm, smol_float):
@@ -109,6 +114,12 @@ def teacher_forced(llm: LLM, dense: LLM, prompts: list[list[int]],
     return agree, total, clear_agree, clear, worst
 
 
+def perplexity(llm: LLM, text: list[int]) -> float:
+    """Perplexity of the text under llm (its prompt logprobs)."""
+    scored = run(llm, [text], SamplingParams(max_tokens=1, prompt_logprobs=0))[0]
+    return math.exp(-sum(e.logprob for e in scored.prompt_logprobs[1:]) / (len(text) - 1))
+
+
 def test_int8_of_a_random_model(tiny_pair, smol_hf):
     dense, int8 = tiny_pair
     assert formats(int8) == {"int8": 3 * 4 + 1, "float32": 1}  # the embedding stays float32
@@ -125,11 +136,7 @@ def test_int8_of_a_random_model(tiny_pair, smol_hf):
     assert agree >= 0.75 * total, (agree, total, clear_agree, clear)
     # Perplexity of a fixed text within 1%.
     text = tokenizer(LONG_TEXT).input_ids[:256]
-    ppl = {}
-    for name, llm in (("float32", dense), ("int8", int8)):
-        scored = run(llm, [text], SamplingParams(max_tokens=1, prompt_logprobs=0))[0]
-        nll = -sum(entry.logprob for entry in scored.prompt_logprobs[1:]) / (len(text) - 1)
-        ppl[name] = math.exp(nll)
+    ppl = {name: perplexity(llm, text) for name, llm in (("float32", dense), ("int8", int8))}
     print(f"perplexity of the fixed text: {ppl}")
     assert abs(ppl["int8"] / ppl["float32"] - 1) <= 0.01, ppl
 
@@ -143,10 +150,7 @@ BATCH_QUESTIONS = CHAT_QUESTIONS + ["Name a colour.", "What is two plus two?",
 @pytest.fixture(scope="module")
 def smol_medium():
     """The default model (Q4_1) with bfloat16 products allowed (--matmul-precision medium)."""
-    llm = LLM("default", matmul_precision="medium", max_model_len=1024, num_blocks=128)
-    yield llm
-    del llm
-    gc.collect()
+    yield from default_model(matmul_precision="medium")
 
 
 def batch_agreement(llm: LLM, dense: LLM, smol_hf, label: str) -> tuple[int, int, int, int,
@@ -183,15 +187,7 @@ def test_bf16_products_of_the_default_model(smol_medium, smol_float, smol_hf):
 @pytest.fixture(scope="module")
 def smol_low():
     """The default model (Q4_1) with int8 products (--matmul-precision low)."""
-    llm = LLM("default", matmul_precision="low", max_model_len=1024, num_blocks=128)
-    yield llm
-    del llm
-    gc.collect()
-
-
-def perplexity(llm: LLM, text: list[int]) -> float:
-    scored = run(llm, [text], SamplingParams(max_tokens=1, prompt_logprobs=0))[0]
-    return math.exp(-sum(e.logprob for e in scored.prompt_logprobs[1:]) / (len(text) - 1))
+    yield from default_model(matmul_precision="low")
 
 
 def test_int8_products_of_the_default_model(smol_low, smol_float, smol_llm, smol_hf):
@@ -218,10 +214,7 @@ def test_int8_products_of_the_default_model(smol_low, smol_float, smol_llm, smol
 @pytest.fixture(scope="module")
 def smol_bf16_kv():
     """The default model (Q4_1) over a bfloat16 KV cache (--kv-cache-dtype bfloat16)."""
-    llm = LLM("default", kv_cache_dtype="bfloat16", max_model_len=1024, num_blocks=128)
-    yield llm
-    del llm
-    gc.collect()
+    yield from default_model(kv_cache_dtype="bfloat16")
 
 
 def test_bf16_kv_cache_of_the_default_model(smol_bf16_kv, smol_llm, smol_hf):

@@ -272,6 +272,16 @@ def _quant_rows(data: torch.Tensor, qtype: str) -> int:
     return quant_format(qtype).columns(data.shape[1])
 
 
+def _bias_arg(bias: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """A linear kernel's bias checked ([n], float32 on the CPU) and made contiguous."""
+    if bias is None:
+        return None
+    _require_cpu_f32("bias", bias)
+    if bias.shape != (n,):
+        raise ValueError(f"bias must be [{n}]")
+    return bias.contiguous()
+
+
 def quant_linear(
     x: torch.Tensor,
     data: torch.Tensor,
@@ -291,11 +301,7 @@ def quant_linear(
     _require_cpu_f32("x", x)
     n, k = data.shape[0], x.shape[-1]
     m = x.numel() // k if k else 0
-    if bias is not None:
-        _require_cpu_f32("bias", bias)
-        if bias.shape != (n,):
-            raise ValueError(f"bias must be [{n}]")
-        bias = bias.contiguous()
+    bias = _bias_arg(bias, n)
     if not x.is_contiguous():
         x = x.contiguous()
     out = torch.empty(m, n, dtype=_F32)
@@ -325,11 +331,7 @@ def int8_linear(
     if x.shape[-1] != k:
         raise ValueError(f"x must be [..., {k}]")
     m = x.numel() // k if k else 0
-    if bias is not None:
-        _require_cpu_f32("bias", bias)
-        if bias.shape != (n,):
-            raise ValueError(f"bias must be [{n}]")
-        bias = bias.contiguous()
+    bias = _bias_arg(bias, n)
     x = x.contiguous()
     out = torch.empty(m, n, dtype=_F32)
     _C.int8_linear(x.data_ptr(), packed.data.data_ptr(), packed.qtype,
