@@ -14,7 +14,7 @@ from setuptools import setup
 
 SIMD_SOURCES = [
     "csrc/attention.cpp", "csrc/fused.cpp", "csrc/int8_linear.cpp", "csrc/linear.cpp",
-    "csrc/quant.cpp", "csrc/topk.cpp",
+    "csrc/panel_linear.cpp", "csrc/quant.cpp", "csrc/topk.cpp",
 ]
 # -Wno-psabi: the 64-byte vectors of simd.h never leave a variant's namespace, so GCC's notes
 # on how their ABI differs between instruction sets do not apply. -falign-loops=64: hot loops

@@ -32,8 +32,10 @@ DecoderStack::DecoderStack(const DecoderShape& shape, std::vector<LayerWeights> 
 }
 
 void DecoderStack::linear(const LinearWeights& w, const float* x, float* y, int64_t M) const {
-  if (w.int8)
+  if (w.layout == Layout::kInt8)
     int8_linear(x, static_cast<const uint8_t*>(w.weight), w.format, w.bias, y, M, w.n, w.k);
+  else if (w.layout == Layout::kPanels)
+    panel_linear(x, static_cast<const float*>(w.weight), w.bias, y, M, w.n, w.k);
   else if (w.format == f32_format_ && M <= linear_max_rows_ && !w.bf16)
     xllm::linear(x, static_cast<const float*>(w.weight), w.bias, y, M, w.n, w.k);
   else

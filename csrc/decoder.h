@@ -8,9 +8,13 @@
 
 namespace xllm {
 
-// One linear layer's weights: N rows of K, quantized (format, row_bytes) or float32 rows
-// (the "f32" format); bias [N] or null; bf16: bfloat16 products allowed (see quant_linear);
-// int8: weight is the rows packed for int8 products (int8_linear), of that format.
+// How a linear layer's weights are laid out: N rows of K, quantized (format, row_bytes) or
+// float32 (the "f32" format); packed for int8 products (int8_linear), of that format; float32
+// packed in panels (panel_linear).
+enum class Layout { kRows, kInt8, kPanels };
+
+// One linear layer's weights; bias [N] or null; bf16: bfloat16 products allowed on rows (see
+// quant_linear).
 struct LinearWeights {
   const void* weight;
   int format;
@@ -18,7 +22,7 @@ struct LinearWeights {
   const float* bias;
   int64_t n, k;
   bool bf16;
-  bool int8;
+  Layout layout;
 };
 
 struct LayerWeights {

@@ -23,6 +23,7 @@ struct Variant {
   decltype(&generic::bf16_products) bf16_products;
   decltype(&generic::int8_linear) int8_linear;
   decltype(&generic::int8_products_fast) int8_products_fast;
+  decltype(&generic::panel_linear) panel_linear;
   decltype(&generic::dequantize) dequantize;
   decltype(&generic::rms_norm) rms_norm;
   decltype(&generic::silu_mul) silu_mul;
@@ -34,7 +35,7 @@ const Variant kVariants[] = {
     {"generic", [] { return true; }, generic::paged_attention, generic::topk_logprobs,
      generic::linear,
      generic::quant_linear, generic::bf16_products, generic::int8_linear,
-     generic::int8_products_fast, generic::dequantize,
+     generic::int8_products_fast, generic::panel_linear, generic::dequantize,
      generic::rms_norm, generic::silu_mul, generic::rotary_write_kv},
 #if defined(__x86_64__)
     {"avx2",
@@ -45,7 +46,7 @@ const Variant kVariants[] = {
      },
      avx2::paged_attention, avx2::topk_logprobs, avx2::linear,
      avx2::quant_linear, avx2::bf16_products, avx2::int8_linear,
-     avx2::int8_products_fast, avx2::dequantize,
+     avx2::int8_products_fast, avx2::panel_linear, avx2::dequantize,
      avx2::rms_norm, avx2::silu_mul, avx2::rotary_write_kv},
     {"avx512",
      [] {
@@ -56,7 +57,7 @@ const Variant kVariants[] = {
      },
      avx512::paged_attention, avx512::topk_logprobs, avx512::linear,
      avx512::quant_linear, avx512::bf16_products, avx512::int8_linear,
-     avx512::int8_products_fast, avx512::dequantize,
+     avx512::int8_products_fast, avx512::panel_linear, avx512::dequantize,
      avx512::rms_norm, avx512::silu_mul, avx512::rotary_write_kv},
 #endif
 };
@@ -165,6 +166,12 @@ void int8_linear(const float* x, const uint8_t* packed, int format, const float*
 }
 
 bool int8_products_fast() { return running().int8_products_fast(); }
+
+void panel_linear(const float* x, const float* panels, const float* bias, float* y, int64_t M,
+                  int64_t N, int64_t K) {
+  if (M < 0 || N < 0 || K < 0) throw std::invalid_argument("panel_linear: negative size");
+  running().panel_linear(x, panels, bias, y, M, N, K);
+}
 
 bool bf16_products(int64_t M) { return running().bf16_products(M); }
 

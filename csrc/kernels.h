@@ -71,6 +71,10 @@ struct AttentionArgs {
                    float* y, int64_t M, int64_t N, int64_t K);                                 \
   /* Whether int8_linear runs its vectorized tile here (AVX-512 VNNI). */                      \
   bool int8_products_fast();                                                                   \
+  /* y [M, N] = x [M, K] @ W^T (+ bias) in float32, W's N rows packed in panels of 32 */      \
+  /* (panel_linear.cpp, xllm.ops.panels.pack_panels). */                                       \
+  void panel_linear(const float* x, const float* panels, const float* bias, float* y,          \
+                    int64_t M, int64_t N, int64_t K);                                          \
   /* out [R, K]: rows[i] (i when rows is null) of W's N rows, dequantized. */                  \
   void dequantize(const uint8_t* weight, int format, int64_t row_bytes, const int64_t* rows,   \
                   int64_t R, int64_t N, float* out, int64_t K);                                                  \

@@ -26,18 +26,25 @@ T* ptr(uintptr_t p) {
   return reinterpret_cast<T*>(p);
 }
 
-// (weight, format name, row bytes, bias or 0, N, K, bfloat16 products allowed, int8 products
-// of packed rows) from Python.
+// (weight, format name, row bytes, bias or 0, N, K, bfloat16 products allowed, layout:
+// "rows", "int8" or "panels") from Python.
 using LinearSpec =
-    std::tuple<uintptr_t, std::string, int64_t, uintptr_t, int64_t, int64_t, bool, bool>;
+    std::tuple<uintptr_t, std::string, int64_t, uintptr_t, int64_t, int64_t, bool, std::string>;
+
+xllm::Layout layout_of(const std::string& name) {
+  if (name == "rows") return xllm::Layout::kRows;
+  if (name == "int8") return xllm::Layout::kInt8;
+  if (name == "panels") return xllm::Layout::kPanels;
+  throw std::invalid_argument("unknown weight layout '" + name + "'");
+}
 // (input norm, qkv, o, post-attention norm, gate_up, down).
 using LayerSpec =
     std::tuple<uintptr_t, LinearSpec, LinearSpec, uintptr_t, LinearSpec, LinearSpec>;
 
 xllm::LinearWeights linear_weights(const LinearSpec& spec) {
-  const auto& [weight, format, row_bytes, bias, n, k, bf16, int8] = spec;
+  const auto& [weight, format, row_bytes, bias, n, k, bf16, layout] = spec;
   return {ptr<const void>(weight), xllm::quant_format(format), row_bytes, ptr<const float>(bias),
-          n, k, bf16, int8};
+          n, k, bf16, layout_of(layout)};
 }
 
 xllm::DecoderStack make_stack(int64_t hidden, int64_t heads, int64_t kv_heads,
@@ -153,6 +160,16 @@ PYBIND11_MODULE(_C, m) {
       "xllm.ops.quant.pack_int8. See xllm.ops.reference.");
   m.def("int8_products_fast", &xllm::int8_products_fast,
         "Whether int8_linear runs its vectorized tile (AVX-512 VNNI) here.");
+  m.def(
+      "panel_linear",
+      [](uintptr_t x, uintptr_t panels, uintptr_t bias, uintptr_t y, int64_t M, int64_t N,
+         int64_t K) {
+        xllm::panel_linear(ptr<const float>(x), ptr<const float>(panels), ptr<const float>(bias),
+                           ptr<float>(y), M, N, K);
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "y = x @ W^T (+ bias; 0 for none) in float32, W packed by xllm.ops.panels.pack_panels. "
+      "See xllm.ops.reference.");
   m.def(
       "dequantize",
       [](uintptr_t weight, const std::string& format, int64_t row_bytes, uintptr_t rows, int64_t R,

@@ -1,11 +1,11 @@
 """The C++ decoder stack (`xllm.ops.cpu.DecoderStack`, every layer in one call) against its
 reference, the model's layer-by-layer path: the same kernels called one by one from Python.
 
-Random-weight Llama and Qwen2 models (float32 and int8 rows, float32 rows with bfloat16
-products allowed, and float32 rows over a bfloat16 KV cache) and the default model (Q4_1 rows)
-run the same prefill and decode steps both ways from zeroed KV caches; hidden states and caches
-must be equal bit for bit, and within 1e-4 of the torch reference kernels (2e-2 with bfloat16
-products or a bfloat16 cache).
+Random-weight Llama and Qwen2 models (float32 rows, float32 packed in panels, int8 rows,
+float32 rows with bfloat16 products allowed, and float32 rows over a bfloat16 KV cache) and
+the default model (Q4_1 rows) run the same prefill and decode steps both ways from zeroed KV
+caches; hidden states and caches must be equal bit for bit, and within 1e-4 of the torch
+reference kernels (2e-2 with bfloat16 products or a bfloat16 cache).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from xllm.model.llama import (
     LlamaForCausalLM,
     allow_bf16_products,
     allow_int8_products,
+    pack_float_linears,
     quantize_linears,
 )
 from xllm.ops.quant import QuantizedTensor
@@ -107,13 +108,16 @@ MODELS = {
 }
 
 
-@pytest.mark.parametrize("rows", ["float32", "int8", "bf16-products", "int8-products",
-                                  "int8-rows-int8-products", "bf16-kv-cache"])
+@pytest.mark.parametrize("rows", ["float32", "float32-panels", "int8", "bf16-products",
+                                  "int8-products", "int8-rows-int8-products", "bf16-kv-cache"])
 @pytest.mark.parametrize("name", MODELS)
 def test_stack_equals_the_layer_by_layer_path(name, rows, monkeypatch):
     model = random_model(*MODELS[name])
     if rows == "int8":
         assert quantize_linears(model) == 4 * len(model.layers) + 1  # and the LM head
+    if rows == "float32-panels":
+        assert pack_float_linears(model) == 4 * len(model.layers) + 1
+        assert model.lm_head.weight is None  # untied: the panels replace the rows
     if rows == "bf16-products":
         assert allow_bf16_products(model) == 4 * len(model.layers) + 1
     if rows.endswith("int8-products"):  # of GGUF rows, or of xllm's int8 rows
@@ -133,7 +137,7 @@ def test_stack_equals_the_layer_by_layer_path(name, rows, monkeypatch):
     # the reference's may round to the neighbouring bfloat16: bfloat16's tolerance for those.
     # Int8 products: an x one float32 rounding away from the reference's may round to the
     # neighbouring int8 (a step of 1/127 of its block's largest value).
-    tol = 1e-4 if rows in ("float32", "int8") else 2e-2
+    tol = 1e-4 if rows in ("float32", "float32-panels", "int8") else 2e-2
     for a, b, ref in zip(stacked, layered, expected):
         assert torch.equal(a, b)
         torch.testing.assert_close(a, ref, rtol=tol, atol=tol)

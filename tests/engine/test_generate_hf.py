@@ -24,7 +24,9 @@ from hf_oracle import (
     run,
 )
 
+from xllm import ops
 from xllm.engine.sampling_params import SamplingParams
+from xllm.model.llama import Linear
 
 SMOL_NEW_TOKENS = 64
 TINY_NEW_TOKENS = 32
@@ -178,6 +180,21 @@ def test_tiny_greedy_matches_transformers(tiny, tiny_prompts):
         assert choice.logprobs is not None and len(choice.logprobs) == TINY_NEW_TOKENS
         assert_step_logprobs(choice, ref, f"{name} prompt {i}", TOP)
     assert not failures, "\n\n".join(failures)
+
+
+def test_tiny_float32_linears_run_packed(tiny):
+    """The runner packs every float32 Linear in panels (the C++ float32 GEMM's layout); a
+    tied LM head keeps the embedding's rows, an untied one's are freed."""
+    if not ops.available("cpp"):
+        pytest.skip("the C++ kernels are not built")
+    name, _, llm = tiny
+    model = llm.engine.runner.model
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert linears and all(m.panels is not None for m in linears)
+    if "untied" in name:
+        assert model.lm_head.weight is None
+    else:
+        assert model.lm_head.weight is model.embed_tokens.weight
 
 
 def test_tiny_prompt_logprobs(tiny, tiny_prompts):

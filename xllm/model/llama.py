@@ -17,6 +17,7 @@ from torch import nn
 from xllm import ops
 from xllm.model.context import get_context
 from xllm.ops.decoder import DecoderShape, LayerWeights, LinearWeights
+from xllm.ops.panels import F32Panels, pack_panels
 from xllm.ops.quant import INT8_FORMATS, Int8Packed, QuantizedTensor, pack_int8, quantize_int8
 
 logger = logging.getLogger(__name__)
@@ -35,11 +36,13 @@ class Linear(nn.Linear):
     """nn.Linear whose product runs through `ops.linear` (the C++ skinny GEMM on the CPU),
     or through `ops.quant_linear` once `quantize` gave it quantized rows instead of weight.
     `bf16_products` (see `allow_bf16_products`) lets the kernels multiply in bfloat16; `int8`
-    (see `allow_int8_products`) holds the rows packed for `ops.int8_linear` instead."""
+    (see `allow_int8_products`) holds the rows packed for `ops.int8_linear` instead, `panels`
+    (see `pack_float_linears`) the float32 weight packed for `ops.panel_linear`."""
 
     qtype: str | None = None
     bf16_products: bool = False
     int8: Int8Packed | None = None
+    panels: F32Panels | None = None
 
     def quantize(self, weight: QuantizedTensor) -> None:
         """Serve `weight` (quantized rows [out, in]) from now on; the float weight is freed."""
@@ -48,6 +51,8 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.int8 is not None:
             return ops.int8_linear(x, self.int8, self.bias)
+        if self.panels is not None:
+            return ops.panel_linear(x, self.panels, self.bias)
         if self.qtype is not None:
             return ops.quant_linear(x, self.qdata, self.qtype, self.bias, self.bf16_products)
         return ops.linear(x, self.weight, self.bias, self.bf16_products)
@@ -83,15 +88,20 @@ def quantize_linears(model: nn.Module) -> int:
     return count
 
 
+def forget_stacks(model: nn.Module) -> None:
+    """Drop the decoder stacks built so far: they hold the linears' flags and weights."""
+    for module in model.modules():
+        if isinstance(module, LlamaForCausalLM):
+            module._stack = None
+
+
 def allow_bf16_products(model: nn.Module) -> int:
     """Let every Linear's kernel multiply x and W rounded to bfloat16, summing in float32,
     where that is faster (torch's "medium" float32 matmul precision); returns how many."""
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     for module in linears:
         module.bf16_products = True
-    for module in model.modules():
-        if isinstance(module, LlamaForCausalLM):
-            module._stack = None  # the decoder stack holds the flags: build it again
+    forget_stacks(model)
     return len(linears)
 
 
@@ -107,6 +117,23 @@ def allow_int8_products(model: nn.Module) -> int:
             module.int8 = pack_int8(QuantizedTensor(module.qtype, module.qdata))
             module.qdata = None  # the packed rows replace them
             count += 1
+    return count
+
+
+def pack_float_linears(model: nn.Module) -> int:
+    """Every float32 Linear (without bfloat16 products) keeps its weight packed in panels for
+    `ops.panel_linear`, the CPU's float32 GEMM; the rows are freed, except a tied LM head's,
+    which are the embedding's. Returns how many."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, Linear) and module.qtype is None and not module.bf16_products \
+                and module.weight.dtype == torch.float32:
+            module.panels = pack_panels(module.weight)
+            if not any(module.weight is e.weight for e in model.modules()
+                       if isinstance(e, nn.Embedding)):
+                module.weight = None
+            count += 1
+    forget_stacks(model)
     return count
 
 
@@ -296,7 +323,8 @@ class LlamaForCausalLM(nn.Module):
 
     def _layer_weights(self) -> list[LayerWeights]:
         def weights(linear: Linear) -> LinearWeights:
-            weight = linear.int8 or (linear.weight if linear.qtype is None else linear.qdata)
+            weight = linear.int8 or linear.panels or (
+                linear.weight if linear.qtype is None else linear.qdata)
             return LinearWeights(weight, linear.qtype, linear.bias, linear.in_features,
                                  linear.bf16_products)
 

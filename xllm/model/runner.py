@@ -37,7 +37,12 @@ from xllm.model.device import (
     resolve_dtype,
     resolve_kv_cache_dtype,
 )
-from xllm.model.llama import allow_bf16_products, allow_int8_products, quantize_linears
+from xllm.model.llama import (
+    allow_bf16_products,
+    allow_int8_products,
+    pack_float_linears,
+    quantize_linears,
+)
 from xllm.model.loader import gguf_source, iterate_weights
 
 logger = logging.getLogger(__name__)
@@ -111,7 +116,11 @@ class ModelRunner:
             if not ops.int8_products_fast():
                 logger.warning("this CPU lacks AVX-512 VNNI: int8 products run a portable "
                                "loop, slower than --matmul-precision highest")
-        return model.to(device=self.device, dtype=self.dtype).eval()
+        model = model.to(device=self.device, dtype=self.dtype).eval()
+        if not self.on_cuda and ops.available("cpp"):
+            logger.info("float32 weights of %d linear layers packed in panels",
+                        pack_float_linears(model))
+        return model
 
     def _kv_cache_memory(self) -> int:
         """Bytes for the KV cache: as configured, else the CPU's default, else what the GPU

@@ -104,6 +104,11 @@ def int8_linear(x, packed, bias=None):
     return backend_for(x).int8_linear(x, packed, bias)
 
 
+def panel_linear(x, panels, bias=None):
+    """See `reference.panel_linear`."""
+    return backend_for(x).panel_linear(x, panels, bias)
+
+
 def int8_products_fast() -> bool:
     """Whether the CPU's int8_linear runs its vectorized tile here (AVX-512 VNNI)."""
     cpp = _load("cpp")

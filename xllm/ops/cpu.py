@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from xllm.ops.decoder import DecoderShape, LayerWeights, LinearWeights
+from xllm.ops.panels import PANEL, F32Panels
 from xllm.ops.quant import INT8_PANEL, INT8_ZERO, Int8Packed, int8_block_bytes, quant_format
 
 try:
@@ -339,6 +340,31 @@ def int8_linear(
     return out.view(*x.shape[:-1], n)
 
 
+def _check_panels(panels: F32Panels) -> None:
+    data = panels.data
+    if data.dtype is not _F32 or not data.is_cpu or not data.is_contiguous() \
+            or data.shape != (-(-panels.n // PANEL), panels.k, PANEL):
+        raise ValueError("float32 panels must come from xllm.ops.panels.pack_panels")
+
+
+def panel_linear(
+    x: torch.Tensor, panels: F32Panels, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """See `xllm.ops.reference.panel_linear`: csrc/panel_linear.cpp."""
+    _check_panels(panels)
+    _require_cpu_f32("x", x)
+    n, k = panels.n, panels.k
+    if x.shape[-1] != k:
+        raise ValueError(f"x must be [..., {k}]")
+    m = math.prod(x.shape[:-1])
+    bias = _bias_arg(bias, n)
+    x = x.contiguous()
+    out = torch.empty(m, n, dtype=_F32)
+    _C.panel_linear(x.data_ptr(), panels.data.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                    out.data_ptr(), m, n, k)
+    return out.view(*x.shape[:-1], n)
+
+
 def dequantize(
     data: torch.Tensor, qtype: str, rows: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -430,7 +456,7 @@ def decoder_stack(shape: DecoderShape, layers: list[LayerWeights]) -> "DecoderSt
     tensors = [t for layer in layers for t in (layer.input_norm, layer.post_norm)]
     linears = [w for layer in layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)]
     tensors += [w.bias for w in linears if w.bias is not None]
-    tensors += [w.weight for w in linears if w.qtype is None]
+    tensors += [w.weight for w in linears if isinstance(w.weight, torch.Tensor) and w.qtype is None]
     if any(t.dtype is not _F32 or not t.is_cpu for t in tensors):
         return None
     if any(w.qtype is None and w.in_features % 32 for w in linears):
@@ -461,13 +487,15 @@ class DecoderStack:
 
     @staticmethod
     def _linear(w: LinearWeights) -> tuple:
-        int8 = isinstance(w.weight, Int8Packed)
-        n, k = w.weight.n if int8 else w.weight.shape[0], w.in_features
-        if int8:
-            _check_int8(w.weight)
+        layout = "int8" if isinstance(w.weight, Int8Packed) else (
+            "panels" if isinstance(w.weight, F32Panels) else "rows")
+        n, k = w.weight.n if layout != "rows" else w.weight.shape[0], w.in_features
+        if layout != "rows":
+            (_check_int8 if layout == "int8" else _check_panels)(w.weight)
             if w.weight.k != k:
-                raise ValueError(f"packed int8 rows do not hold {k} weights")
-            qtype, row_bytes = w.weight.qtype, 0  # the packed layout
+                raise ValueError(f"packed weights do not hold {k} inputs")
+            qtype = w.weight.qtype if layout == "int8" else "f32"
+            row_bytes = 0  # the packed layout
         elif w.qtype is None:  # float rows, the formats' "f32" past LINEAR_MAX_ROWS
             _require_cpu_f32("weight", w.weight)
             if w.weight.shape != (n, k) or not w.weight.is_contiguous() or k % 32:
@@ -483,8 +511,8 @@ class DecoderStack:
             if w.bias.shape != (n,) or not w.bias.is_contiguous():
                 raise ValueError(f"bias must be a contiguous [{n}]")
             bias = w.bias.data_ptr()
-        data = w.weight.data if int8 else w.weight
-        return data.data_ptr(), qtype, row_bytes, bias, n, k, w.bf16_products, int8
+        data = w.weight if layout == "rows" else w.weight.data
+        return data.data_ptr(), qtype, row_bytes, bias, n, k, w.bf16_products, layout
 
     def __call__(
         self,

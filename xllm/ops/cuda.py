@@ -12,6 +12,7 @@ import math
 import torch
 import triton
 
+from xllm.ops.panels import F32Panels, unpack_panels
 from xllm.ops.quant import quant_format
 from xllm_triton.attention import LOG2E, paged_attention_kernel, reduce_splits_kernel
 from xllm_triton.beam import beam_prune_kernel
@@ -31,6 +32,14 @@ def linear(
     and tensor cores); a Triton GEMM here would only add compile time. bf16_products allows,
     it does not require: cuBLAS follows torch's own float32 matmul precision."""
     return torch.nn.functional.linear(x, weight, bias)
+
+
+def panel_linear(
+    x: torch.Tensor, panels: F32Panels, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """See `xllm.ops.reference.panel_linear`. Panels are the CPU's layout (the runner packs
+    none on CUDA); a model packed on the CPU still runs here, on its rows unpacked."""
+    return linear(x, unpack_panels(panels), bias)
 
 
 INTERPRETED = not isinstance(write_kv_kernel, triton.runtime.JITFunction)

@@ -5,13 +5,14 @@ from typing import NamedTuple
 
 import torch
 
+from xllm.ops.panels import F32Panels
 from xllm.ops.quant import Int8Packed
 
 
 class LinearWeights(NamedTuple):
-    # float rows [N, K], quantized rows [N, row_bytes] of qtype, or those rows packed for int8
-    # products (`xllm.ops.quant.pack_int8`)
-    weight: torch.Tensor | Int8Packed
+    # float rows [N, K], quantized rows [N, row_bytes] of qtype, those rows packed for int8
+    # products (`xllm.ops.quant.pack_int8`), or float32 rows packed in panels (`xllm.ops.panels`)
+    weight: torch.Tensor | Int8Packed | F32Panels
     qtype: str | None  # None: float rows
     bias: torch.Tensor | None  # [N]
     in_features: int  # K

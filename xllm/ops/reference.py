@@ -6,6 +6,7 @@ Readable first, fast never. Each function has the same signature as its C++
 
 import torch
 
+from xllm.ops.panels import F32Panels, unpack_panels
 from xllm.ops.quant import INT8_PANEL, INT8_ZERO, Int8Packed, int8_weight_bytes, quant_format
 
 
@@ -142,6 +143,13 @@ def linear(
     if bf16_products:
         return bf16_product(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)
+
+
+def panel_linear(
+    x: torch.Tensor, panels: F32Panels, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y = x @ W^T (+ bias) in float32 for W packed in panels (`xllm.ops.panels`)."""
+    return linear(x, unpack_panels(panels), bias)
 
 
 def bf16_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
