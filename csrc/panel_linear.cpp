@@ -7,9 +7,11 @@
 // broadcast. Every output sums blocks of kDepth k, each one chain of fused multiply-adds in
 // order (then + bias), so the AVX2 and AVX-512 variants give the same floats. There is no
 // horizontal sum at the end, unlike the dot-product tiles of linear.cpp: with the weights
-// in cache, M = 16 to 64 of SmolLM2's shapes run at 200-225 GFLOP/s on 2 Zen 4 cores (the
-// FMA peak measured is 230) against 180-205 there; streamed from memory, 30 layers at M = 16
-// take 20 ms against 24.5.
+// in cache, M = 16 to 256 of SmolLM2's shapes run at 200-227 GFLOP/s on 2 Zen 4 cores (the
+// FMA peak measured is 230) against 190-210 there, and prefill-sized M (512, 2048) at 205-210
+// against 186-188; streamed from memory, 30 layers at M = 16 take 21.5 ms against 25.4. The
+// AVX2 variant, whose 8-lane registers this file uses (linear.cpp's 16-lane vectors are split
+// by GCC and kept in memory there), runs at 138-167 GFLOP/s from M = 16 against 23-24.
 //
 // Threads own ranges of panels. Within a range the x rows go in chunks of kChunkRows, which
 // stay in L2 while every panel of the range passes over them.
