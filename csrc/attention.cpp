@@ -94,14 +94,16 @@ struct Prefetcher {
 // KV, here and below: the caches' element type, float or BF16.
 template <int DV, typename KV>
 inline void scores_dot(const float* qrows, int rows, const void* const* kp, int64_t off, int nk,
-                       float* st) {
+                       float* st, Prefetcher& prefetcher) {
   constexpr int D = DV * kLanes;
+  Prefetcher pf = prefetcher;
   for (int r = 0; r < rows; ++r) {
     VecF qv[DV];
     for (int v = 0; v < DV; ++v) qv[v] = load(qrows + r * D + v * kLanes);
     for (int j0 = 0; j0 < nk; j0 += kLanes) {
       VecF dots[kLanes];
       for (int jj = 0; jj < kLanes; ++jj) {
+        if (r == 0) pf.step();
         const KV* k = static_cast<const KV*>(kp[j0 + jj]) + off;
         VecF s = qv[0] * load(k);
         for (int v = 1; v < DV; ++v) s += qv[v] * load(k + v * kLanes);
@@ -110,6 +112,7 @@ inline void scores_dot(const float* qrows, int rows, const void* const* kp, int6
       store(st + r * kChunk + j0, hsum16(dots));
     }
   }
+  prefetcher = pf;
 }
 
 // Scores of a chunk for many rows: Q is transposed ([d][row]); 4 keys x NRV row vectors,
@@ -390,7 +393,8 @@ void run_item(const AttentionArgs& a, const Geometry& g, const Item& it, const I
     }
     pf.j = 0;
     pf.d = pf.d0;
-    pf.per_step = static_cast<int>((pf.n * slot_lines + nh * nk - 1) / (nh * nk));
+    const int steps = (dot ? 2 : 1) * nh * nk;  // scores_dot and accumulate_pv both step
+    pf.per_step = static_cast<int>((pf.n * slot_lines + steps - 1) / steps);
     const bool diagonal = kc + nk - 1 > p0;  // the causal mask cuts this chunk
     for (int hi = 0; hi < nh; ++hi) {
       const float* qbuf = sc.q.data() + hi * qsize;
@@ -400,7 +404,7 @@ void run_item(const AttentionArgs& a, const Geometry& g, const Item& it, const I
       float* acc = sc.acc.data() + static_cast<int64_t>(hi) * rp * D;
       const int64_t off = (it.h0 + hi) * D;
       if (dot) {
-        scores_dot<DV, KV>(qbuf, rows, kp, off, nk, st);
+        scores_dot<DV, KV>(qbuf, rows, kp, off, nk, st, pf);
         for (int r = 0; r < rows; ++r) {
           float* s = st + r * kChunk;
           const int first_masked = diagonal ? std::max(0, std::min(nk, pos[r] - kc + 1)) : nk;
