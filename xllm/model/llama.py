@@ -124,13 +124,13 @@ def pack_float_linears(model: nn.Module) -> int:
     """Every float32 Linear (without bfloat16 products) keeps its weight packed in panels for
     `ops.panel_linear`, the CPU's float32 GEMM; the rows are freed, except a tied LM head's,
     which are the embedding's. Returns how many."""
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     count = 0
     for module in model.modules():
         if isinstance(module, Linear) and module.qtype is None and not module.bf16_products \
                 and module.weight.dtype == torch.float32:
             module.panels = pack_panels(module.weight)
-            if not any(module.weight is e.weight for e in model.modules()
-                       if isinstance(e, nn.Embedding)):
+            if id(module.weight) not in tables:
                 module.weight = None
             count += 1
     forget_stacks(model)

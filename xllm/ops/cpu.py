@@ -327,16 +327,23 @@ def int8_linear(
     """See `xllm.ops.reference.int8_linear`: csrc/int8_linear.cpp (vpdpbusd with AVX-512 VNNI,
     a portable loop of the same sums elsewhere)."""
     _check_int8(packed)
+    return _packed_linear(x, packed, bias, lambda x_ptr, bias_ptr, out_ptr, m: _C.int8_linear(
+        x_ptr, packed.data.data_ptr(), packed.qtype, bias_ptr, out_ptr, m, packed.n, packed.k))
+
+
+def _packed_linear(x: torch.Tensor, packed: Int8Packed | F32Panels, bias: torch.Tensor | None,
+                   run) -> torch.Tensor:
+    """Checks x [..., k] and the bias of packed weights [n, k], then `run(x, bias or 0, out,
+    m)` (pointers) fills out [m, n]."""
     _require_cpu_f32("x", x)
     n, k = packed.n, packed.k
     if x.shape[-1] != k:
         raise ValueError(f"x must be [..., {k}]")
-    m = x.numel() // k if k else 0
+    m = math.prod(x.shape[:-1])
     bias = _bias_arg(bias, n)
     x = x.contiguous()
     out = torch.empty(m, n, dtype=_F32)
-    _C.int8_linear(x.data_ptr(), packed.data.data_ptr(), packed.qtype,
-                   0 if bias is None else bias.data_ptr(), out.data_ptr(), m, n, k)
+    run(x.data_ptr(), 0 if bias is None else bias.data_ptr(), out.data_ptr(), m)
     return out.view(*x.shape[:-1], n)
 
 
@@ -352,17 +359,8 @@ def panel_linear(
 ) -> torch.Tensor:
     """See `xllm.ops.reference.panel_linear`: csrc/panel_linear.cpp."""
     _check_panels(panels)
-    _require_cpu_f32("x", x)
-    n, k = panels.n, panels.k
-    if x.shape[-1] != k:
-        raise ValueError(f"x must be [..., {k}]")
-    m = math.prod(x.shape[:-1])
-    bias = _bias_arg(bias, n)
-    x = x.contiguous()
-    out = torch.empty(m, n, dtype=_F32)
-    _C.panel_linear(x.data_ptr(), panels.data.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                    out.data_ptr(), m, n, k)
-    return out.view(*x.shape[:-1], n)
+    return _packed_linear(x, panels, bias, lambda x_ptr, bias_ptr, out_ptr, m: _C.panel_linear(
+        x_ptr, panels.data.data_ptr(), bias_ptr, out_ptr, m, panels.n, panels.k))
 
 
 def dequantize(
