@@ -15,9 +15,10 @@ What is wrapped, looked up where it is called from:
   below);
 
 - kernels, via the `xllm.ops` module that llama.py calls as `ops.<name>`: `linear`,
-  `quant_linear` and `int8_linear` (one row per projection, qkv_proj, o_proj, gate_up_proj,
-  down_proj, told by the storage of the weight passed in; the LM head apart: the `lm_head`
-  module's weight, or else a weight with as many rows as the vocabulary), `paged_attention`,
+  `quant_linear`, `int8_linear` and `panel_linear` (one row per projection, qkv_proj,
+  o_proj, gate_up_proj, down_proj, told by the storage of the weight passed in; the LM head
+  apart: the `lm_head` module's weight, or else a weight with as many rows as the
+  vocabulary), `paged_attention`,
   `write_kv`, `rotary_write_kv`, `rms_norm`, `silu_mul`, `dequantize` (the quantized
   embedding lookup), `topk_logprobs` (0 calls here: greedy without logprobs);
 - llama.py's own `rotate` (a module global), and `torch.nn.functional.rms_norm` / `silu`
@@ -91,7 +92,7 @@ TEXT = (
 # linear layers get one row per projection ("linear:<name>", see `linear_names`) first.
 ROWS = [
     ("stack", "decoder layers in one call (ops.decoder_stack, C++)"),
-    ("lm_head", "LM head (ops.linear / ops.quant_linear, vocab rows)"),
+    ("lm_head", "LM head (ops.*linear, vocab rows)"),
     ("attention", "attention (ops.paged_attention)"),
     ("kv_write", "KV write (ops.write_kv)"),
     ("rotary_kv", "rotary + KV write (ops.rotary_write_kv)"),
@@ -253,12 +254,12 @@ class Patcher:
 
 
 def linear_names(model: torch.nn.Module) -> dict[int, str]:
-    """data_ptr of each Linear's weight (quantized rows, or rows packed for int8 products) ->
-    its last name (qkv_proj, ...)."""
+    """data_ptr of each Linear's weight (quantized rows, or rows packed for int8 products or
+    in float32 panels) -> its last name (qkv_proj, ...)."""
     names = {}
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
-            packed = getattr(module, "int8", None)
+            packed = getattr(module, "int8", None) or getattr(module, "panels", None)
             weight = packed.data if packed is not None else getattr(module, "qdata", None) \
                 if getattr(module, "qtype", None) else module.weight
             if isinstance(weight, torch.Tensor):
@@ -288,7 +289,7 @@ def install(llm: LLM, profiler: Profiler, vocab: int, layer_by_layer: bool) -> P
         """The projection a linear call serves, told by its weight's storage (the LM head
         also by its row count, the vocabulary size)."""
         weight = args[1] if len(args) > 1 else kwargs.get("weight", kwargs.get("data"))
-        weight = getattr(weight, "data", weight)  # int8_linear's packed rows
+        weight = getattr(weight, "data", weight)  # int8_linear's and panel_linear's packing
         if not isinstance(weight, torch.Tensor):
             return "linear:other"
         name = names.get(weight.data_ptr())
@@ -298,7 +299,7 @@ def install(llm: LLM, profiler: Profiler, vocab: int, layer_by_layer: bool) -> P
 
     # The kernels of xllm.ops that llama.py calls, by category.
     for name, category in (("linear", by_weight), ("quant_linear", by_weight),
-                           ("int8_linear", by_weight),
+                           ("int8_linear", by_weight), ("panel_linear", by_weight),
                            ("paged_attention", "attention"), ("write_kv", "kv_write"),
                            ("rotary_write_kv", "rotary_kv"), ("rms_norm", "norm"),
                            ("silu_mul", "activation"), ("dequantize", "embedding")):
@@ -401,7 +402,7 @@ def table(totals: Totals) -> str:
         stat = stats[name]
         linear_total.exclusive += stat.exclusive
         linear_total.calls += stat.calls
-        out.append(line(f"linear {name[7:]} (ops.linear / ops.quant_linear)", stat.exclusive,
+        out.append(line(f"linear {name[7:]} (ops.*linear)", stat.exclusive,
                         stat.calls))
     for name, label in ROWS:
         stat = stats.get(name, Stat())

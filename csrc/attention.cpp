@@ -91,22 +91,33 @@ struct Prefetcher {
 
 // Scores of a chunk for few rows (decodes): row-major S[r][j] (row stride kChunk); each
 // row's dot products with 16 keys are reduced together. kp is padded to a multiple of 16.
+// Every row of a block of 16 keys reads them in L1; bfloat16 keys are widened once for all
+// the rows (widening them once per row took more instructions than the dot products).
 // KV, here and below: the caches' element type, float or BF16.
 template <int DV, typename KV>
 inline void scores_dot(const float* qrows, int rows, const void* const* kp, int64_t off, int nk,
                        float* st, Prefetcher& prefetcher) {
   constexpr int D = DV * kLanes;
   Prefetcher pf = prefetcher;
-  for (int r = 0; r < rows; ++r) {
-    VecF qv[DV];
-    for (int v = 0; v < DV; ++v) qv[v] = load(qrows + r * D + v * kLanes);
-    for (int j0 = 0; j0 < nk; j0 += kLanes) {
+  alignas(64) float wide[std::is_same_v<KV, float> ? 1 : kLanes * D];
+  for (int j0 = 0; j0 < nk; j0 += kLanes) {
+    const float* keys[kLanes];
+    for (int jj = 0; jj < kLanes; ++jj) {
+      pf.step();
+      const KV* k = static_cast<const KV*>(kp[j0 + jj]) + off;
+      if constexpr (std::is_same_v<KV, float>) {
+        keys[jj] = k;
+      } else {
+        for (int v = 0; v < DV; ++v) store(wide + jj * D + v * kLanes, load(k + v * kLanes));
+        keys[jj] = wide + jj * D;
+      }
+    }
+    for (int r = 0; r < rows; ++r) {
+      const float* q = qrows + r * D;
       VecF dots[kLanes];
       for (int jj = 0; jj < kLanes; ++jj) {
-        if (r == 0) pf.step();
-        const KV* k = static_cast<const KV*>(kp[j0 + jj]) + off;
-        VecF s = qv[0] * load(k);
-        for (int v = 1; v < DV; ++v) s += qv[v] * load(k + v * kLanes);
+        VecF s = load(q) * load(keys[jj]);
+        for (int v = 1; v < DV; ++v) s += load(q + v * kLanes) * load(keys[jj] + v * kLanes);
         dots[jj] = s;
       }
       store(st + r * kChunk + j0, hsum16(dots));

@@ -18,6 +18,7 @@ struct Variant {
   bool (*supported)();
   decltype(&generic::paged_attention) paged_attention;
   decltype(&generic::topk_logprobs) topk_logprobs;
+  decltype(&generic::argmax_rows) argmax_rows;
   decltype(&generic::linear) linear;
   decltype(&generic::quant_linear) quant_linear;
   decltype(&generic::bf16_products) bf16_products;
@@ -33,7 +34,7 @@ struct Variant {
 // Slowest first; the features checked are those the pragmas of simd.h switch on.
 const Variant kVariants[] = {
     {"generic", [] { return true; }, generic::paged_attention, generic::topk_logprobs,
-     generic::linear,
+     generic::argmax_rows, generic::linear,
      generic::quant_linear, generic::bf16_products, generic::int8_linear,
      generic::int8_products_fast, generic::panel_linear, generic::dequantize,
      generic::rms_norm, generic::silu_mul, generic::rotary_write_kv},
@@ -44,7 +45,7 @@ const Variant kVariants[] = {
        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
               __builtin_cpu_supports("f16c");
      },
-     avx2::paged_attention, avx2::topk_logprobs, avx2::linear,
+     avx2::paged_attention, avx2::topk_logprobs, avx2::argmax_rows, avx2::linear,
      avx2::quant_linear, avx2::bf16_products, avx2::int8_linear,
      avx2::int8_products_fast, avx2::panel_linear, avx2::dequantize,
      avx2::rms_norm, avx2::silu_mul, avx2::rotary_write_kv},
@@ -55,7 +56,7 @@ const Variant kVariants[] = {
               __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
               __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
      },
-     avx512::paged_attention, avx512::topk_logprobs, avx512::linear,
+     avx512::paged_attention, avx512::topk_logprobs, avx512::argmax_rows, avx512::linear,
      avx512::quant_linear, avx512::bf16_products, avx512::int8_linear,
      avx512::int8_products_fast, avx512::panel_linear, avx512::dequantize,
      avx512::rms_norm, avx512::silu_mul, avx512::rotary_write_kv},
@@ -104,6 +105,10 @@ void paged_attention(const AttentionArgs& a) { running().paged_attention(a); }
 void topk_logprobs(const float* logits, int64_t ld, int64_t rows, int64_t vocab, int64_t k,
                    const int64_t* token_ids, float* values, int64_t* indices, float* chosen) {
   running().topk_logprobs(logits, ld, rows, vocab, k, token_ids, values, indices, chosen);
+}
+
+void argmax_rows(const float* logits, int64_t ld, int64_t rows, int64_t vocab, int64_t* out) {
+  running().argmax_rows(logits, ld, rows, vocab, out);
 }
 
 void linear(const float* x, const float* weight, const float* bias, float* y, int64_t M,

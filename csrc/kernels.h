@@ -56,6 +56,8 @@ struct AttentionArgs {
   /* logits [N, V] row stride ld; outputs values [N, k], indices [N, k], chosen [N]. */       \
   void topk_logprobs(const float* logits, int64_t ld, int64_t rows, int64_t vocab, int64_t k,  \
                      const int64_t* token_ids, float* values, int64_t* indices, float* chosen); \
+  /* out [N]: the first index of each row's largest logit (of its first NaN, as torch). */     \
+  void argmax_rows(const float* logits, int64_t ld, int64_t rows, int64_t vocab, int64_t* out); \
   /* y [M, N] = x [M, K] @ weight [N, K]^T (+ bias [N] when not null), all contiguous. */     \
   void linear(const float* x, const float* weight, const float* bias, float* y, int64_t M,     \
               int64_t N, int64_t K);                                                           \

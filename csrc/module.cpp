@@ -114,6 +114,12 @@ PYBIND11_MODULE(_C, m) {
       },
       py::call_guard<py::gil_scoped_release>(), "Top-k logprobs; see xllm.ops.reference.");
   m.def(
+      "argmax_rows",
+      [](uintptr_t logits, int64_t ld, int64_t rows, int64_t vocab, uintptr_t out) {
+        xllm::argmax_rows(ptr<const float>(logits), ld, rows, vocab, ptr<int64_t>(out));
+      },
+      py::call_guard<py::gil_scoped_release>(), "Greedy tokens; see xllm.ops.reference.");
+  m.def(
       "beam_prune",
       [](uintptr_t beam_scores, uintptr_t cand_tokens, uintptr_t cand_logprobs, int64_t groups,
          int64_t width, int64_t cands, int64_t num_keep, uintptr_t parents, uintptr_t tokens,

@@ -1,4 +1,5 @@
-// Top-k logprobs: fused log-softmax + top-k + the chosen token's logprob, one read per pass.
+// Top-k logprobs: fused log-softmax + top-k + the chosen token's logprob, one read per pass;
+// and the greedy token of each row (argmax_rows).
 //
 // A row (or a slice of one, when there are fewer rows than threads) is read twice:
 // the first pass finds the maximum and the k + 1 largest logits (ties: lower id),
@@ -129,7 +130,47 @@ void exact_topk(const float* x, int64_t vocab, int64_t k, float mx, float log_su
   }
 }
 
+// The first index of x's largest value, or of its first NaN (torch.argmax's answer): one
+// SIMD pass for the maximum (and whether there is a NaN), then the first lane equal to it.
+int64_t row_argmax(const float* x, int64_t n) {
+  VecF vmx = splat(kNegInf);
+  VecI nan{};
+  int64_t v = 0;
+  for (; v + kLanes <= n; v += kLanes) {
+    const VecF a = load(x + v);
+    vmx = vmax(vmx, a);
+    nan |= a != a;
+  }
+  float mx = hmax(vmx);
+  bool has_nan = false;
+  for (int i = 0; i < kLanes; ++i) has_nan |= nan[i] != 0;
+  for (int64_t u = v; u < n; ++u) {
+    has_nan |= x[u] != x[u];
+    mx = std::max(mx, x[u]);
+  }
+  int64_t u = 0;
+  if (has_nan) {
+    while (x[u] == x[u]) ++u;
+    return u;
+  }
+  const VecF target = splat(mx);
+  for (; u + kLanes <= n; u += kLanes) {
+    const VecI hit = load(x + u) == target;
+    for (int i = 0; i < kLanes; ++i)
+      if (hit[i] != 0) return u + i;
+  }
+  while (x[u] != mx) ++u;
+  return u;
+}
+
 }  // namespace
+
+void argmax_rows(const float* logits, int64_t ld, int64_t rows, int64_t vocab, int64_t* out) {
+  if (vocab < 1) throw std::invalid_argument("argmax_rows: empty rows");
+  const bool parallel = omp_get_max_threads() > 1 && rows > 1 && rows * vocab >= kParallelMinLogits;
+#pragma omp parallel for schedule(static) if (parallel)
+  for (int64_t r = 0; r < rows; ++r) out[r] = row_argmax(logits + r * ld, vocab);
+}
 
 void topk_logprobs(const float* logits, int64_t ld, int64_t rows, int64_t vocab, int64_t k,
                    const int64_t* token_ids, float* values, int64_t* indices, float* chosen) {

@@ -460,6 +460,54 @@ def test_topk_rejects_bad_input():
         cpu.topk_logprobs(torch.randn(2, 10), 3, torch.tensor([0, 10]))
 
 
+# ---------------------------------------------------------------- greedy tokens
+
+
+def check_argmax(logits: torch.Tensor) -> None:
+    got = cpu.argmax(logits)
+    assert got.dtype == torch.int64 and got.shape == (logits.shape[0],)
+    assert torch.equal(got, torch.argmax(logits, dim=-1))
+
+
+@pytest.mark.parametrize("rows,vocab", [(1, 49152), (64, 49152), (3, 152064), (5, 1), (9, 17),
+                                        (33, 4099), (0, 10)])
+def test_argmax_shapes(rows, vocab):
+    gen = torch.Generator().manual_seed(rows * vocab + 1)
+    check_argmax(torch.randn((rows, vocab), generator=gen) * 4)
+
+
+def test_argmax_ties_infinities_and_nan_follow_torch():
+    logits = torch.zeros(8, 1000)
+    logits[0, [40, 7, 999]] = 3.0  # ties: the first index
+    logits[1] = float("-inf")  # all -inf: index 0
+    logits[2, [500, 5]] = float("inf")
+    logits[3, 998] = 2.0
+    logits[3, 999] = 5.0  # the best in the tail past the last whole vector
+    logits[4, [300, 600]] = float("nan")  # the first NaN wins, as in torch
+    logits[4, 10] = float("inf")
+    logits[5, 999] = float("nan")  # NaN in the tail
+    logits[6, 0] = -0.0
+    logits[6, 1:] = -1.0
+    logits[7, 17] = 1e-30  # a tiny margin still wins
+    check_argmax(logits)
+    assert cpu.argmax(logits).tolist() == [7, 0, 5, 999, 300, 999, 0, 17]
+
+
+def test_argmax_half_precision_strided_rows_and_dispatch():
+    gen = torch.Generator().manual_seed(12)
+    check_argmax(torch.randn((5, 2, 3000), generator=gen)[:, 1])
+    check_argmax(torch.randn((4, 3000), generator=gen).bfloat16())
+    logits = torch.randn((6, 777), generator=gen)
+    assert torch.equal(ops.argmax(logits), reference.argmax(logits))
+
+
+def test_argmax_rejects_bad_input():
+    with pytest.raises(ValueError, match="2-D"):
+        cpu.argmax(torch.randn(10))
+    with pytest.raises(ValueError, match="one column"):
+        cpu.argmax(torch.randn(3, 0))
+
+
 # ---------------------------------------------------------------- beam pruning
 
 

@@ -45,7 +45,7 @@ class Sampler:
         if sampled_rows is None and sampled:
             tokens = self._sample(logits, seqs)
         else:
-            tokens = logits.argmax(dim=-1)
+            tokens = ops.argmax(logits)
             if sampled_rows is not None:
                 picked = self._sample(logits[sampled_rows], [seqs[i] for i in sampled])
                 tokens.index_copy_(0, sampled_rows, picked)
@@ -68,7 +68,7 @@ class Sampler:
             )
         probs = torch.softmax(logits, dim=-1)
         # argmax(p / E) with E ~ Exp(1) draws from p (the exponential race).
-        return (probs / noise).argmax(dim=-1)
+        return ops.argmax(probs / noise)
 
     def _noise(self, like: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Exp(1) noise shaped like `like`: one draw from `self.generator` for all the rows

@@ -84,6 +84,11 @@ def topk_logprobs(logits, k, token_ids):
     return backend_for(logits).topk_logprobs(logits, k, token_ids)
 
 
+def argmax(logits):
+    """See `reference.argmax`."""
+    return backend_for(logits).argmax(logits)
+
+
 def beam_prune(beam_scores, cand_tokens, cand_logprobs, num_keep):
     """See `reference.beam_prune`."""
     return backend_for(beam_scores).beam_prune(beam_scores, cand_tokens, cand_logprobs, num_keep)

@@ -196,6 +196,21 @@ def topk_logprobs(
     return values, indices, chosen
 
 
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """See `xllm.ops.reference.argmax`."""
+    if logits.device.type != "cpu" or logits.dim() != 2 or logits.shape[1] == 0:
+        raise ValueError("logits must be a 2-D CPU tensor of at least one column")
+    if logits.dtype != torch.float32:
+        logits = logits.float()
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    rows, vocab = logits.shape
+    out = torch.empty(rows, dtype=torch.int64)
+    _C.argmax_rows(logits.data_ptr(), logits.stride(0) if rows > 0 else vocab, rows, vocab,
+                   out.data_ptr())
+    return out
+
+
 def beam_prune(
     beam_scores: torch.Tensor,
     cand_tokens: torch.Tensor,

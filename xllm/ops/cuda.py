@@ -245,6 +245,11 @@ def topk_logprobs(
     return topk_logprobs_with(logits, k, token_ids)
 
 
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """See `xllm.ops.reference.argmax` (torch's own CUDA reduction serves it)."""
+    return logits.argmax(dim=-1)
+
+
 def topk_logprobs_with(
     logits: torch.Tensor,
     k: int,

@@ -100,6 +100,12 @@ def topk_logprobs(
     return values[:, :k].contiguous(), indices[:, :k].contiguous(), chosen
 
 
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Greedy tokens: [N] int64, the first index of each row's largest logit of [N, V]
+    (V >= 1), or of its first NaN."""
+    return logits.argmax(dim=-1)
+
+
 def beam_prune(
     beam_scores: torch.Tensor,
     cand_tokens: torch.Tensor,
