@@ -16,7 +16,6 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <limits>
 
@@ -157,28 +156,19 @@ constexpr int64_t kParallelMinWork = 1 << 16;
 // fn(n0, n1) over the W rows [0, N) of a GEMM of `work` multiply-adds, in chunks of whole
 // tiles of `tile` rows (the last chunk also takes the rows past the last whole tile), handed
 // out dynamically: a thread that loses its core for a while (the HTTP thread, the client)
-// no longer holds the others up at the join. Chunks shrink as the work runs out (a quarter
-// of what is left per thread, then single tiles), so the threads finish together: with
-// equal chunks, the last one (1/16 of the work) often left the other thread waiting.
+// no longer holds the others up at the join.
 template <typename Fn>
 inline void for_row_chunks(int64_t N, int64_t tile, int64_t work, Fn fn) {
+  constexpr int64_t kChunksPerThread = 8;
   const int64_t tiles = N / tile;
   const bool parallel = omp_get_max_threads() > 1 && tiles > 1 && work >= kParallelMinWork;
-  if (!parallel) {
-    fn(0, N);
-    return;
-  }
-  const int64_t share = 4 * omp_get_max_threads();
-  std::atomic<int64_t> next{0};
-#pragma omp parallel
-  {
-    int64_t t0 = next.load(std::memory_order_relaxed);
-    while (t0 < tiles) {
-      const int64_t t1 = t0 + std::max<int64_t>(1, (tiles - t0) / share);
-      if (!next.compare_exchange_weak(t0, t1, std::memory_order_relaxed)) continue;
-      fn(t0 * tile, t1 == tiles ? N : t1 * tile);
-      t0 = next.load(std::memory_order_relaxed);
-    }
+  const int64_t threads = parallel ? omp_get_max_threads() : 1;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(tiles, threads * kChunksPerThread));
+#pragma omp parallel for schedule(dynamic, 1) if (parallel)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t n0 = tiles * c / chunks * tile;
+    const int64_t n1 = c == chunks - 1 ? N : tiles * (c + 1) / chunks * tile;
+    fn(n0, n1);
   }
 }
 
