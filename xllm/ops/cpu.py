@@ -170,16 +170,22 @@ def copy_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor, block_mapping: tor
     )  # fmt: skip
 
 
-def topk_logprobs(
-    logits: torch.Tensor, k: int, token_ids: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """See `xllm.ops.reference.topk_logprobs`."""
+def _logit_rows(logits: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """2-D CPU logits as float32 rows of contiguous values, and their row stride."""
     if logits.device.type != "cpu" or logits.dim() != 2:
         raise ValueError("logits must be a 2-D CPU tensor")
     if logits.dtype != torch.float32:
         logits = logits.float()
     if logits.stride(1) != 1:
         logits = logits.contiguous()
+    return logits, logits.stride(0) if logits.shape[0] > 0 else logits.shape[1]
+
+
+def topk_logprobs(
+    logits: torch.Tensor, k: int, token_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """See `xllm.ops.reference.topk_logprobs`."""
+    logits, ld = _logit_rows(logits)
     rows, vocab = logits.shape
     if not 1 <= k <= vocab:
         raise ValueError(f"k must be in 1..{vocab}, got {k}")
@@ -190,7 +196,7 @@ def topk_logprobs(
     indices = torch.empty((rows, k), dtype=torch.int64)
     chosen = torch.empty((rows,), dtype=torch.float32)
     _C.topk_logprobs(
-        logits.data_ptr(), logits.stride(0) if rows > 0 else vocab, rows, vocab, k,
+        logits.data_ptr(), ld, rows, vocab, k,
         token_ids.data_ptr(), values.data_ptr(), indices.data_ptr(), chosen.data_ptr(),
     )  # fmt: skip
     return values, indices, chosen
@@ -198,16 +204,12 @@ def topk_logprobs(
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """See `xllm.ops.reference.argmax`."""
-    if logits.device.type != "cpu" or logits.dim() != 2 or logits.shape[1] == 0:
-        raise ValueError("logits must be a 2-D CPU tensor of at least one column")
-    if logits.dtype != torch.float32:
-        logits = logits.float()
-    if logits.stride(1) != 1:
-        logits = logits.contiguous()
+    logits, ld = _logit_rows(logits)
     rows, vocab = logits.shape
+    if vocab == 0:
+        raise ValueError("logits must have at least one column")
     out = torch.empty(rows, dtype=torch.int64)
-    _C.argmax_rows(logits.data_ptr(), logits.stride(0) if rows > 0 else vocab, rows, vocab,
-                   out.data_ptr())
+    _C.argmax_rows(logits.data_ptr(), ld, rows, vocab, out.data_ptr())
     return out
 
 
