@@ -1,14 +1,23 @@
-"""Where the engine runs: --device and --dtype, the CUDA-graph batch ladder, input staging."""
+"""Where the engine runs: --device and --dtype, the CUDA-graph batch ladder, input staging,
+host tensors in huge pages."""
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from xllm.model.cuda_graphs import batch_ladder
-from xllm.model.device import Staging, resolve_device, resolve_dtype, resolve_kv_cache_dtype
+from xllm.model.device import (
+    HUGE_PAGE,
+    Staging,
+    resolve_device,
+    resolve_dtype,
+    resolve_kv_cache_dtype,
+    zeros,
+)
 
 NO_CUDA = not torch.cuda.is_available()
 
@@ -98,3 +107,40 @@ def test_engine_imports_without_gguf():
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("shape,dtype", [
+    ((7, 5), torch.float32), ((3, 100, 16, 3, 64), torch.bfloat16),
+    ((2, 40, 16, 2, 64), torch.float32)])
+def test_zeros_are_zeros_and_large_ones_start_on_a_huge_page(shape, dtype):
+    cpu = torch.device("cpu")
+    t = zeros(shape, dtype, cpu)
+    assert t.shape == shape and t.dtype == dtype and t.is_contiguous()
+    assert torch.equal(t, torch.zeros(shape, dtype=dtype))
+    if t.numel() * t.element_size() >= HUGE_PAGE:
+        assert t.data_ptr() % HUGE_PAGE == 0
+    t.fill_(1)  # writable, and all of it is the tensor's own
+    assert t.sum().item() == t.numel()
+
+
+def _anon_huge_kib(address: int) -> int:
+    """AnonHugePages (KiB) of the mapping of this process that holds `address`."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            start, end = (int(x, 16) for x in head.split("-"))
+            inside = start <= address < end
+        elif inside and head == "AnonHugePages:":
+            return int(line.split()[1])
+    return 0
+
+
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+@pytest.mark.skipif(not THP.exists() or "[never]" in THP.read_text(),
+                    reason="no transparent huge pages on this host")
+def test_a_large_host_tensor_gets_huge_pages():
+    t = zeros((8 * HUGE_PAGE // 4,), torch.float32, torch.device("cpu"))
+    assert _anon_huge_kib(t.data_ptr()) >= HUGE_PAGE // 1024

@@ -1,5 +1,9 @@
 """Where the engine runs: the device and dtype a configuration names, the KV cache's share of
-a GPU's memory, and the host buffers a step's inputs are staged in."""
+a GPU's memory, the host buffers a step's inputs are staged in, and large host tensors in
+huge pages."""
+
+import ctypes
+import sys
 
 import numpy as np
 import torch
@@ -57,6 +61,33 @@ def free_gpu_memory(device: torch.device, utilization: float, reserve: int) -> i
                          f"{total / 2**30:.1f} GiB is taken by the weights and activations "
                          "(raise --gpu-memory-utilization or use a smaller model)")
     return budget
+
+
+HUGE_PAGE = 2 << 20  # bytes of an x86-64 transparent huge page
+_MADV_HUGEPAGE = 14
+
+
+def _advise_huge_pages(address: int, length: int) -> None:
+    """Ask Linux for transparent huge pages over [address, address + length); only a hint:
+    where the kernel has them off, or refuses, the memory keeps its 4 KiB pages."""
+    if sys.platform.startswith("linux") and length > 0:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), _MADV_HUGEPAGE)
+
+
+def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`torch.zeros`; on the CPU, a tensor of a huge page or more starts on a huge-page
+    boundary and is asked for huge pages before its first write. The paged KV cache is read
+    a block at a time from anywhere in it: with 4 KiB pages nearly every block missed the
+    TLB (64 decodes of 220 keys, 30 layers, bfloat16 blocks drawn from 1.5 GB: 19.8 ms with
+    4 KiB pages, 17.9 with huge pages)."""
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    if device.type != "cpu" or nbytes < HUGE_PAGE:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
+    start = -raw.data_ptr() % HUGE_PAGE
+    _advise_huge_pages(raw.data_ptr() + start, nbytes // HUGE_PAGE * HUGE_PAGE)
+    return raw[start:start + nbytes].view(dtype).view(shape).zero_()
 
 
 class Staging:

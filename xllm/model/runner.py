@@ -36,6 +36,7 @@ from xllm.model.device import (
     resolve_device,
     resolve_dtype,
     resolve_kv_cache_dtype,
+    zeros,
 )
 from xllm.model.llama import (
     allow_bf16_products,
@@ -193,8 +194,8 @@ class ModelRunner:
     def _allocate_kv_cache(self) -> None:
         shape = (len(self.model.layers), self.num_blocks,
                  *self.model.kv_block_shape(self.block_size))
-        self.k_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+        self.k_cache = zeros(shape, self.kv_dtype, self.device)
+        self.v_cache = zeros(shape, self.kv_dtype, self.device)
         self.kv_caches = list(zip(self.k_cache.unbind(0), self.v_cache.unbind(0)))
         logger.info("KV cache: %d blocks of %d tokens in %s on %s", self.num_blocks,
                     self.block_size, self.kv_dtype, self.device)
