@@ -18,11 +18,13 @@ from transformers import Qwen2ForCausalLM as HFQwen2
 
 from xllm import ops
 from xllm.model.context import AttentionContext, set_context
+from xllm.model.device import huge_page_copies
 from xllm.model.llama import (
     Linear,
     LlamaForCausalLM,
     allow_bf16_products,
     allow_int8_products,
+    move_weights,
     pack_float_linears,
     quantize_linears,
 )
@@ -155,6 +157,37 @@ def test_stack_equals_the_layer_by_layer_path(name, rows, monkeypatch):
         assert k_stacked.dtype == torch.bfloat16
         assert torch.equal(k_stacked[0], k_plain[0].to(torch.bfloat16))
         assert not torch.equal(stacked[-1], plain[-1])
+
+
+@pytest.mark.parametrize("rows", ["float32-tied", "float32-panels", "int8-products"])
+def test_weights_moved_into_huge_pages_serve_the_same_floats(rows):
+    model = random_model("llama", 64, 96, 4, 2, 5)
+    if rows == "float32-tied":
+        model.lm_head.weight = model.embed_tokens.weight
+    elif rows == "float32-panels":
+        pack_float_linears(model)
+    else:
+        gguf_linears(model)
+        allow_int8_products(model)
+    before, k_before, _ = run_steps(model)
+    def weights() -> list[torch.Tensor]:
+        linears = [m for m in model.modules() if isinstance(m, Linear)]
+        return [*model.parameters(), *model.buffers(),
+                *(m.int8.data for m in linears if m.int8 is not None),
+                *(m.panels.data for m in linears if m.panels is not None)]
+
+    tensors = {id(t): t for t in weights()}
+    moved = move_weights(model, huge_page_copies)
+    assert moved == sum(t.numel() * t.element_size() for t in tensors.values())
+    after, k_after, _ = run_steps(model)  # the stack is built again, on the moved weights
+    for a, b in zip(before, after):
+        assert torch.equal(a, b)
+    assert torch.equal(k_before, k_after)
+    now = weights()
+    starts = sorted(t.data_ptr() for t in now)  # one block (`zeros`'), tensors end to end
+    assert starts[-1] - starts[0] < moved + 64 * len(now)
+    if rows == "float32-tied":
+        assert model.lm_head.weight is model.embed_tokens.weight
 
 
 def test_float_rows_of_odd_width_keep_the_layer_by_layer_path():

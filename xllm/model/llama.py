@@ -10,6 +10,7 @@ The decoder calls its submodules' `forward` directly: `nn.Module.__call__` costs
 """
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -135,6 +136,34 @@ def pack_float_linears(model: nn.Module) -> int:
             count += 1
     forget_stacks(model)
     return count
+
+
+def move_weights(model: nn.Module,
+                 place: Callable[[list[torch.Tensor]], list[torch.Tensor]]) -> int:
+    """Hand every weight tensor of the model (parameters, buffers, packed int8 rows and
+    float32 panels), once each and in the model's order, to `place`, and hold what it returns
+    instead (tied weights stay tied). Returns the bytes moved."""
+    holders: dict[int, list[Callable[[torch.Tensor], None]]] = {}
+    tensors: dict[int, torch.Tensor] = {}
+
+    def hold(tensor: torch.Tensor | None, put: Callable[[torch.Tensor], None]) -> None:
+        if tensor is not None:
+            tensors.setdefault(id(tensor), tensor)
+            holders.setdefault(id(tensor), []).append(put)
+
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            hold(param, lambda t, p=param: setattr(p, "data", t))
+        for name, buffer in module.named_buffers(recurse=False):
+            hold(buffer, lambda t, m=module, n=name: setattr(m, n, t))
+        for packed in (getattr(module, "int8", None), getattr(module, "panels", None)):
+            if packed is not None:
+                hold(packed.data, lambda t, p=packed: setattr(p, "data", t))
+    for key, moved in zip(tensors, place(list(tensors.values()))):
+        for put in holders[key]:
+            put(moved)
+    forget_stacks(model)
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 # Model types whose q, k and v projections carry biases.

@@ -33,6 +33,7 @@ from xllm.model.device import (
     MATMUL_PRECISIONS,
     Staging,
     free_gpu_memory,
+    huge_page_copies,
     resolve_device,
     resolve_dtype,
     resolve_kv_cache_dtype,
@@ -41,6 +42,7 @@ from xllm.model.device import (
 from xllm.model.llama import (
     allow_bf16_products,
     allow_int8_products,
+    move_weights,
     pack_float_linears,
     quantize_linears,
 )
@@ -121,6 +123,9 @@ class ModelRunner:
         if not self.on_cuda and ops.available("cpp"):
             logger.info("float32 weights of %d linear layers packed in panels",
                         pack_float_linears(model))
+        if not self.on_cuda:
+            moved = move_weights(model, huge_page_copies)
+            logger.info("weights: %.1f MB in huge pages", moved / 1e6)
         return model
 
     def _kv_cache_memory(self) -> int:
