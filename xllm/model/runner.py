@@ -125,7 +125,7 @@ class ModelRunner:
                         pack_float_linears(model))
         if not self.on_cuda:
             moved = move_weights(model, huge_page_copies)
-            logger.info("weights: %.1f MB in huge pages", moved / 1e6)
+            logger.info("weights: %.1f MB in one block, huge pages asked for", moved / 1e6)
         return model
 
     def _kv_cache_memory(self) -> int:
