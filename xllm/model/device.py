@@ -65,42 +65,45 @@ def free_gpu_memory(device: torch.device, utilization: float, reserve: int) -> i
 HUGE_PAGE = 2 << 20  # bytes of an x86-64 transparent huge page
 
 
-def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """`torch.zeros`; on the CPU, a tensor of a huge page or more gets fresh private memory of
-    its own (an anonymous mapping: the heap hands out pages already used, which stay 4 KiB)
-    that starts on a huge-page boundary and is asked for huge pages before its first write.
-    The paged KV cache is read a block at a time from anywhere in it: with 4 KiB pages nearly
-    every block missed the TLB (64 decodes of 220 keys, 30 layers, bfloat16 blocks drawn from
-    1.5 GB: 19.8 ms with 4 KiB pages, 17.9 with huge pages). Where the kernel has no huge
-    pages, or refuses them, the memory keeps its 4 KiB pages."""
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    if device.type != "cpu" or nbytes < HUGE_PAGE:
-        return torch.zeros(shape, dtype=dtype, device=device)
+def _huge_page_block(nbytes: int) -> torch.Tensor:
+    """nbytes (a huge page or more) of fresh private memory as uint8, zero (the kernel's
+    fresh pages are), starting on a huge-page boundary, asked for huge pages before anything
+    touches it. An anonymous mapping of its own: the heap hands out pages already used, which
+    stay 4 KiB. Where the kernel has no huge pages, or refuses them, they stay 4 KiB too."""
     memory = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     raw = torch.frombuffer(memory, dtype=torch.uint8)  # holds `memory` while it lives
     start = -raw.data_ptr() % HUGE_PAGE
     if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux
         memory.madvise(mmap.MADV_HUGEPAGE, start, nbytes // HUGE_PAGE * HUGE_PAGE)
-    return raw[start:start + nbytes].view(dtype).view(shape).zero_()
+    return raw[start:start + nbytes]
+
+
+def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`torch.zeros`; on the CPU, a tensor of a huge page or more lives in huge pages (see
+    `_huge_page_block`). The paged KV cache is read a block at a time from anywhere in it:
+    with 4 KiB pages nearly every block missed the TLB (64 decodes of 220 keys, 30 layers,
+    bfloat16 blocks drawn from 1.5 GB: 19.8 ms with 4 KiB pages, 17.9 with huge pages)."""
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    if device.type != "cpu" or nbytes < HUGE_PAGE:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    # Already zero: the write only brings the pages in now rather than during serving.
+    return _huge_page_block(nbytes).view(dtype).view(shape).zero_()
 
 
 def huge_page_copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Copies of CPU tensors laid end to end, each on a 64-byte boundary, in one block of
-    huge pages (see `zeros`). A decode step reads every weight once, in order: one by one in
-    4 KiB pages they missed the TLB every 4 KiB (the 120 Q4_1 linears of the default model
-    and its LM head at M = 1, one process: 5.57 ms, 4.88 in huge pages)."""
+    huge pages (see `_huge_page_block`). A decode step reads every weight once, in order: one
+    by one in 4 KiB pages they missed the TLB every 4 KiB (the 120 Q4_1 linears of the default
+    model and its LM head at M = 1, one process: 5.57 ms, 4.88 in huge pages)."""
     align = 64
+    sizes = [t.numel() * t.element_size() for t in tensors]
     offsets, total = [], 0
-    for t in tensors:
+    for nbytes in sizes:
         offsets.append(total)
-        total += -(-t.numel() * t.element_size() // align) * align
-    arena = zeros((total,), torch.uint8, torch.device("cpu"))
-    copies = []
-    for t, at in zip(tensors, offsets):
-        nbytes = t.numel() * t.element_size()
-        copy = arena[at:at + nbytes].view(t.dtype).view(t.shape)
-        copies.append(copy.copy_(t))
-    return copies
+        total += -(-nbytes // align) * align
+    block = _huge_page_block(total) if total >= HUGE_PAGE else torch.empty(total, dtype=torch.uint8)
+    return [block[at:at + nbytes].view(t.dtype).view(t.shape).copy_(t)
+            for t, at, nbytes in zip(tensors, offsets, sizes)]
 
 
 class Staging:
